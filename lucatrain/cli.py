@@ -1,0 +1,91 @@
+"""`lucatrain <verb>`: the one entry point (also `python -m lucatrain`).
+
+    lucatrain prepare INPUT... --out DIR     files -> prepared, memory-mapped dataset
+    lucatrain train --config RECIPE [section.key=value ...]
+    lucatrain demo [section.key=value ...]  tiny real pretraining on the shipped sample data
+
+Launch several processes with any launcher, e.g.
+    deepspeed --num_gpus 2 $(command -v lucatrain) train --config lucavirus_v1.0 ...
+    torchrun --nproc_per_node 2 -m lucatrain train --config ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lucatrain.config import ConfigError, load_config, shipped_recipes
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+EXAMPLES_DIR = REPO_DIR / "examples" / "data"
+DEMO_TRAIN = EXAMPLES_DIR / "lucaone_sample" / "train" / "train.csv"
+DEMO_DEV = EXAMPLES_DIR / "lucaone_sample" / "dev" / "dev.csv"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lucatrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    prep = verbs.add_parser("prepare", help="turn input files into a prepared dataset")
+    prep.add_argument("inputs", nargs="+", help="files or directories (CSV, FASTA, Swiss-Prot, Parquet, JSONL)")
+    prep.add_argument("--out", required=True, help="output directory of the prepared dataset")
+    prep.add_argument("--format", default="auto", help="auto, lucaone_csv, fasta, swissprot, parquet, jsonl")
+    prep.add_argument("--fasta-obj-type", default="auto", choices=("auto", "gene", "prot"))
+    prep.add_argument("--bad-records", default="fail", choices=("fail", "skip"))
+
+    for name, help_text in (("train", "pretrain"), ("demo", "tiny real pretraining on the shipped sample")):
+        sub = verbs.add_parser(name, help=help_text)
+        sub.add_argument("--config", default="demo_tiny" if name == "demo" else None,
+                         help=f"YAML recipe path or shipped name {shipped_recipes()}")
+        sub.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+        sub.add_argument("overrides", nargs="*", help="section.key=value (CLI > YAML > defaults)")
+    return parser
+
+
+def _prepare(args) -> int:
+    from lucatrain.data.prepared import prepare
+
+    data = prepare(args.inputs, args.out, fmt=args.format, fasta_obj_type=args.fasta_obj_type, bad_records=args.bad_records)
+    print(f"prepared {data.num_records} records into {data.path} (fingerprint {data.fingerprint[:16]})")
+    return 0
+
+
+def _train(args, demo: bool) -> int:
+    overrides = list(args.overrides)
+    if demo:
+        given = {o.split("=", 1)[0] for o in overrides}
+        if "data.train_files" not in given:
+            overrides.append(f"data.train_files=[{DEMO_TRAIN}]")
+        if "data.dev_files" not in given:
+            overrides.append(f"data.dev_files=[{DEMO_DEV}]")
+    cfg = load_config(args.config, overrides)
+    if not cfg.data.train_files:
+        raise ConfigError("`data.train_files` is empty: give input files or a prepared dataset directory")
+    from lucatrain.trainer import run_training
+
+    run_training(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.verb == "prepare":
+            code = _prepare(args)
+        else:
+            code = _train(args, demo=args.verb == "demo")
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        # User errors: one clear line, no traceback (LUCATRAIN_DEBUG=1 shows it), non-zero exit.
+        if os.environ.get("LUCATRAIN_DEBUG"):
+            raise
+        print(f"lucatrain {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,540 @@
+"""Readers that turn input files into validated `Record`s.
+
+Supported formats (see `FORMATS`): the LucaOne pretraining CSV, FASTA, Swiss-Prot flat files,
+Parquet and JSON lines. Every reader yields, in file order, either a `Record` or a `RecordError`
+for a record that is malformed, so the caller decides whether one bad record fails the whole run
+or is skipped and logged. Problems that make the whole file unreadable (missing file, wrong CSV
+header, unreadable Parquet, missing required columns) are raised instead.
+
+Every record knows where it came from (`path`, 1-based `line`, 0-based `index` within the file)
+so that an error message can point at the exact line to fix.
+
+Labels are parsed with `json.loads` or, because LucaOne writes Python dict literals, with
+`ast.literal_eval`. Never with `eval`: LucaOne's own loader calls `eval()` on CSV fields, which
+runs whatever code a data file contains.
+"""
+
+from __future__ import annotations
+
+import ast
+import codecs
+import collections
+import csv
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lucatrain.data import alphabet
+
+FORMATS = ("lucaone_csv", "fasta", "swissprot", "parquet", "jsonl")
+
+# Extension -> format. A trailing ".gz" is allowed on the text formats (not on Parquet, which
+# compresses internally). ".txt" is too generic to trust: it counts as Swiss-Prot only when the
+# file starts with an "ID   " line (see `detect_format`).
+_EXTENSIONS = {
+    ".csv": "lucaone_csv",
+    ".fa": "fasta", ".fasta": "fasta", ".fna": "fasta", ".faa": "fasta", ".fas": "fasta",
+    ".ffn": "fasta",
+    ".dat": "swissprot", ".swiss": "swissprot", ".sp": "swissprot", ".txt": "swissprot",
+    ".parquet": "parquet",
+    ".jsonl": "jsonl", ".json": "jsonl",
+}  # fmt: skip
+_GZIP_OK = {"lucaone_csv", "fasta", "swissprot", "jsonl"}
+
+LUCAONE_CSV_HEADER = ["obj_id", "obj_type", "obj_seq", "obj_label"]
+
+# FASTA auto-detection: a record is a gene when every letter is a nucleotide code and at least
+# this fraction are A/C/G/T/U/N. Proteins made only of the letters A, C, G, T, N, ... are possible
+# in principle, but a real protein is never 90% those letters.
+_GENE_CORE_FRACTION = 0.9
+_GENE_CORE_LETTERS = b"ACGTUN"
+_GENE_LETTER_BYTES = alphabet.GENE_LETTERS.encode("ascii")
+
+_OBJ_TYPE_WORDS = {"gene": alphabet.GENE, "prot": alphabet.PROT, "protein": alphabet.PROT}
+
+# Rows per Parquet batch: bounds memory while amortising the per-batch cost.
+_PARQUET_BATCH_ROWS = 10_000
+
+
+class RecordError(ValueError):
+    """A bad record or bad file; str() is 'PATH:LINE: reason' (or 'PATH: reason' when no line)."""
+
+    def __init__(self, path, line: int | None, reason: str):
+        self.path = str(path)
+        self.line = line
+        self.reason = reason
+        where = self.path if line is None else f"{self.path}:{line}"
+        super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):
+        # The default reduce would call RecordError(message), which needs three arguments;
+        # pickling matters because errors may cross process boundaries (DataLoader workers).
+        return (RecordError, (self.path, self.line, self.reason))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated sequence record."""
+
+    obj_id: str
+    """Identifier as given in the file (FASTA: first word of the header; Swiss-Prot: accession)."""
+    obj_type: int
+    """`alphabet.GENE` or `alphabet.PROT`."""
+    seq: str
+    """Residues as given (proteins upper-cased); every letter is valid for `obj_type`."""
+    labels: str
+    """Canonical JSON text of the label dict (sorted keys, no spaces); "{}" when none."""
+    path: str
+    """The file the record came from."""
+    line: int
+    """1-based line where the record starts (Parquet: 1-based row number)."""
+    index: int
+    """0-based record index within its file; bad records are counted too."""
+
+
+# --------------------------------------------------------------------------------------------
+# Format detection and input listing
+
+
+def _strip_gz(name: str) -> tuple[str, bool]:
+    """(name without a trailing '.gz', whether it had one)."""
+    if name.lower().endswith(".gz"):
+        return name[:-3], True
+    return name, False
+
+
+def _known_extensions() -> str:
+    exts = sorted(_EXTENSIONS)
+    return ", ".join(exts) + " (text formats also with .gz; .txt only for Swiss-Prot)"
+
+
+def _open_binary(path: Path):
+    """Open a file for binary reading, transparently decompressing '.gz'."""
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _starts_with_swissprot_id(path: Path) -> bool:
+    try:
+        with _open_binary(path) as f:
+            return f.read(5) == b"ID   "
+    except OSError:
+        return False
+
+
+def detect_format(path) -> str:
+    """The format of `path`, from its extension (see module docstring). Raises RecordError."""
+    path = Path(path)
+    name, gz = _strip_gz(path.name)
+    fmt = _EXTENSIONS.get(Path(name).suffix.lower())
+    if fmt is None or (gz and fmt not in _GZIP_OK):
+        raise RecordError(path, None, f"unknown file extension; known: {_known_extensions()}")
+    if Path(name).suffix.lower() == ".txt" and not _starts_with_swissprot_id(path):
+        raise RecordError(
+            path, None, "a .txt input must be a Swiss-Prot flat file starting with an 'ID   ' line"
+        )
+    return fmt
+
+
+def _looks_prepared(directory: Path) -> bool:
+    # A prepared dataset (or its staging dir) holds meta.json and rejects.jsonl, which have
+    # input extensions; never read those back as inputs.
+    return (directory / "data.arrow").exists()
+
+
+def _files_under(directory: Path) -> list[Path]:
+    """Input files below `directory`, recursively, sorted; hidden entries are ignored."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        root_path = Path(root)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not _looks_prepared(root_path / d)]
+        for name in files:
+            if name.startswith("."):
+                continue
+            try:
+                detect_format(root_path / name)
+            except RecordError:
+                continue  # not an input file (README, label lists, ...)
+            found.append(root_path / name)
+    return sorted(found)
+
+
+def list_input_files(inputs) -> list[Path]:
+    """Expand `inputs` (paths to files or directories) into the list of input files.
+
+    Files are kept as given and in the given order; a directory is expanded recursively to its
+    files with a known extension, sorted. Raises RecordError for a missing path, a directory
+    without input files, or a file listed twice (it would give every record twice).
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise RecordError(item, None, "no such file or directory")
+        if path.is_dir():
+            if _looks_prepared(path):
+                raise RecordError(
+                    path, None, "is a prepared dataset; pass it alone, not mixed with other inputs"
+                )
+            found = _files_under(path)
+            if not found:
+                raise RecordError(
+                    path, None, f"directory holds no input files; known: {_known_extensions()}"
+                )
+            files.extend(found)
+        else:
+            files.append(path)
+    seen: dict[Path, Path] = {}
+    for path in files:
+        key = path.resolve()
+        if key in seen:
+            raise RecordError(path, None, f"listed more than once in the inputs (as {seen[key]})")
+        seen[key] = path
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# Field validation shared by all readers
+
+
+def parse_labels(value) -> str:
+    """Canonical JSON text of a label dict given as a dict, JSON text or a Python dict literal.
+
+    None, "" and "{}" give "{}". Raises ValueError if the value is not a dict. Uses
+    `ast.literal_eval`, which only accepts literals, never `eval`.
+    """
+    if value is None:
+        return "{}"
+    if isinstance(value, str):
+        text = value.strip()
+        if not text or text == "{}":
+            return "{}"
+        try:
+            value = json.loads(text)
+        except ValueError:
+            try:
+                value = ast.literal_eval(text)
+            # literal_eval raises several types on bad or hostile input (ValueError for a
+            # function call, SyntaxError, RecursionError/MemoryError for deep nesting).
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                shown = text if len(text) <= 60 else text[:57] + "..."
+                raise ValueError(
+                    f"unparsable obj_label {shown!r} (expected a JSON object or dict literal)"
+                ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"obj_label must be a dict, got {type(value).__name__}")
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as e:  # sets, bytes, mixed-type keys, ...
+        raise ValueError(f"obj_label is not JSON-serialisable: {e}") from None
+
+
+def _parse_obj_type(value) -> int:
+    if isinstance(value, str):
+        found = _OBJ_TYPE_WORDS.get(value.strip().lower())
+        if found is not None:
+            return found
+    elif isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return value
+    raise ValueError(f"obj_type must be 'gene' or 'prot', got {value!r}")
+
+
+def _check_seq(seq, obj_type: int) -> str:
+    """The validated sequence (proteins upper-cased); raises ValueError naming a bad letter."""
+    if not isinstance(seq, str):
+        raise ValueError(f"sequence must be a string, got {type(seq).__name__}")
+    seq = seq.strip()
+    if not seq:
+        raise ValueError("empty sequence")
+    if obj_type == alphabet.PROT:
+        seq = seq.upper()
+    bad = alphabet.first_invalid_residue(seq, obj_type)
+    if bad is not None:
+        pos, letter = bad
+        kind = "gene" if obj_type == alphabet.GENE else "prot"
+        raise ValueError(f"invalid {kind} residue {letter!r} at residue {pos + 1} of {len(seq)}")
+    return seq
+
+
+def _check_obj_id(value) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"empty or missing obj_id ({value!r})")
+    return value.strip()
+
+
+def _make_record(path, line, index, obj_id, obj_type, seq, labels) -> Record | RecordError:
+    """Validate raw field values into a Record, or a RecordError saying what is wrong."""
+    try:
+        obj_id = _check_obj_id(obj_id)
+        obj_type = _parse_obj_type(obj_type)
+        seq = _check_seq(seq, obj_type)
+        labels = parse_labels(labels)
+    except ValueError as e:
+        return RecordError(path, line, str(e))
+    return Record(obj_id, obj_type, seq, labels, str(path), line, index)
+
+
+# --------------------------------------------------------------------------------------------
+# Readers
+
+
+def _decoded_lines(binary, bad_lines: list[int]) -> Iterator[str]:
+    """Lines of a binary file decoded as UTF-8, one at a time.
+
+    Decoding per line (instead of with a TextIOWrapper) tells us exactly which line holds an
+    invalid byte: its number goes into `bad_lines` and the line is decoded with replacement
+    characters, so the record there becomes a bad record rather than aborting the file.
+    """
+    for lineno, raw in enumerate(binary, 1):
+        if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]  # byte-order mark written by spreadsheet tools
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            bad_lines.append(lineno)
+            yield raw.decode("utf-8", errors="replace")
+
+
+def _bad_utf8_in(bad_lines: list[int], first: int, last: int) -> int | None:
+    for lineno in bad_lines:
+        if first <= lineno <= last:
+            return lineno
+    return None
+
+
+def _iter_lucaone_csv(path: Path) -> Iterator[Record | RecordError]:
+    # Sequences can be far longer than the csv module's default 131,072-character field limit.
+    csv.field_size_limit(2**31 - 1)
+    bad_lines: list[int] = []
+    with _open_binary(path) as binary:
+        lines = _decoded_lines(binary, bad_lines)
+        reader = csv.reader(lines)
+        try:
+            header = next(reader, None)
+        except csv.Error as e:
+            raise RecordError(path, 1, f"cannot parse CSV header: {e}") from None
+        if header != LUCAONE_CSV_HEADER:
+            found = "empty file" if header is None else ",".join(header)
+            raise RecordError(
+                path, 1 if header is not None else None,
+                f"bad LucaOne CSV header {found!r}; expected {','.join(LUCAONE_CSV_HEADER)!r}",
+            )  # fmt: skip
+        index = 0
+        end = reader.line_num
+        while True:
+            start = end + 1  # a quoted field may span lines: the record starts after the last
+            try:
+                row = next(reader, None)
+            except csv.Error as e:
+                raise RecordError(path, start, f"cannot parse CSV: {e}") from None
+            if row is None:
+                return
+            end = reader.line_num
+            if not row:
+                continue  # blank line
+            bad_utf8 = _bad_utf8_in(bad_lines, start, end) if bad_lines else None
+            if bad_utf8 is not None:
+                yield RecordError(path, start, f"line {bad_utf8} is not valid UTF-8")
+            elif len(row) != len(LUCAONE_CSV_HEADER):
+                yield RecordError(
+                    path, start, f"expected {len(LUCAONE_CSV_HEADER)} columns, found {len(row)}"
+                )
+            else:
+                yield _make_record(path, start, index, *row)
+            index += 1
+
+
+def _fasta_obj_type(seq: str) -> int:
+    """GENE if `seq` looks like nucleotides (see _GENE_CORE_FRACTION), else PROT."""
+    raw = seq.upper().encode("ascii", errors="replace")
+    if raw.translate(None, _GENE_LETTER_BYTES):
+        return alphabet.PROT  # some letter is not a nucleotide code
+    core = len(raw) - len(raw.translate(None, _GENE_CORE_LETTERS))
+    return alphabet.GENE if core >= _GENE_CORE_FRACTION * len(raw) else alphabet.PROT
+
+
+def _iter_fasta(path: Path, fasta_obj_type: str) -> Iterator[Record | RecordError]:
+    forced = None if fasta_obj_type == "auto" else _OBJ_TYPE_WORDS[fasta_obj_type]
+    # SimpleFastaParser reports no line numbers. We feed it lines ourselves and note each header's
+    # line: it yields a record only after reading the *next* header, so the oldest noted header
+    # is always the one of the record just yielded.
+    header_lines: collections.deque[int] = collections.deque()
+    seen_header = False
+    stray: int | None = None  # first non-blank line before the first header (the parser skips it)
+
+    def lines(text) -> Iterator[str]:
+        nonlocal seen_header, stray
+        for lineno, line in enumerate(text, 1):
+            if line.startswith(">"):
+                header_lines.append(lineno)
+                seen_header = True
+            elif not seen_header and stray is None and line.strip():
+                stray = lineno
+            yield line
+
+    from Bio.SeqIO.FastaIO import SimpleFastaParser
+
+    with _open_binary(path) as binary:
+        # utf-8-sig drops a byte-order mark, which would hide the first '>'. An invalid byte
+        # becomes U+FFFD, which then fails residue validation as a bad record.
+        text = io.TextIOWrapper(binary, encoding="utf-8-sig", errors="replace")
+        index = -1
+        for index, (title, seq) in enumerate(SimpleFastaParser(lines(text))):
+            line = header_lines.popleft()
+            if index == 0 and stray is not None:
+                yield RecordError(path, stray, "text before the first '>' header")
+            obj_id = title.split(maxsplit=1)[0] if title.strip() else ""
+            obj_type = forced if forced is not None else _fasta_obj_type(seq)
+            yield _make_record(path, line, index, obj_id, obj_type, seq, None)
+        if index == -1 and stray is not None:
+            yield RecordError(path, stray, "no '>' header found: not a FASTA file")
+
+
+def _swissprot_record(path: Path, line: int, index: int, entry: str) -> Record | RecordError:
+    from Bio import SeqIO
+
+    try:
+        parsed = SeqIO.read(io.StringIO(entry), "swiss")
+    # Biopython's parser is third-party code and signals a malformed entry with several
+    # exception types; any of them means this one entry is bad.
+    except Exception as e:  # noqa: BLE001
+        return RecordError(path, line, f"cannot parse Swiss-Prot entry: {e}")
+    return _make_record(path, line, index, parsed.id, alphabet.PROT, str(parsed.seq), None)
+
+
+def _iter_swissprot(path: Path) -> Iterator[Record | RecordError]:
+    """Swiss-Prot entries, each parsed on its own with Bio.SeqIO ("swiss").
+
+    Splitting the file at '//' ourselves gives each entry's exact starting line and lets one
+    malformed entry be reported and skipped; Bio.SeqIO.parse would stop at the first error.
+    """
+    bad_lines: list[int] = []
+    entry: list[str] = []
+    start = index = 0
+    with _open_binary(path) as binary:
+        for lineno, line in enumerate(_decoded_lines(binary, bad_lines), 1):
+            if not entry:
+                if not line.strip():
+                    continue
+                start = lineno
+            elif line.startswith("ID   "):
+                yield RecordError(path, start, "entry is not terminated by a '//' line")
+                index += 1
+                entry, start = [], lineno
+            entry.append(line)
+            if line.startswith("//"):
+                bad_utf8 = _bad_utf8_in(bad_lines, start, lineno) if bad_lines else None
+                if bad_utf8 is not None:
+                    yield RecordError(path, start, f"line {bad_utf8} is not valid UTF-8")
+                else:
+                    yield _swissprot_record(path, start, index, "".join(entry))
+                index += 1
+                entry = []
+    if entry:
+        yield RecordError(path, start, "entry is not terminated by a '//' line")
+
+
+def _seq_column(names: Iterable[str], path: Path, where: str) -> str:
+    """The name of the sequence column: obj_seq, or seq as an alias."""
+    names = set(names)
+    missing = [c for c in ("obj_id", "obj_type") if c not in names]
+    seq_col = "obj_seq" if "obj_seq" in names else "seq" if "seq" in names else None
+    if seq_col is None:
+        missing.append("obj_seq")
+    if missing:
+        raise RecordError(path, None, f"missing required {where} {missing} (have {sorted(names)})")
+    return seq_col
+
+
+def _iter_parquet(path: Path) -> Iterator[Record | RecordError]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+    except Exception as e:  # noqa: BLE001  (pyarrow raises several types for a bad file)
+        raise RecordError(path, None, f"cannot read Parquet file: {e}") from None
+    seq_col = _seq_column(names, path, "column(s)")
+    columns = ["obj_id", "obj_type", seq_col] + (["obj_label"] if "obj_label" in names else [])
+    index = 0
+    try:
+        batches = parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns)
+        for batch in batches:
+            data = batch.to_pydict()
+            labels = data.get("obj_label") or [None] * batch.num_rows
+            for obj_id, obj_type, seq, label in zip(
+                data["obj_id"], data["obj_type"], data[seq_col], labels
+            ):
+                yield _make_record(path, index + 1, index, obj_id, obj_type, seq, label)
+                index += 1
+    except OSError as e:  # a corrupt page is only found while reading
+        raise RecordError(path, index + 1, f"cannot read Parquet file: {e}") from None
+
+
+def _iter_jsonl(path: Path) -> Iterator[Record | RecordError]:
+    bad_lines: list[int] = []
+    index = 0
+    with _open_binary(path) as binary:
+        for lineno, line in enumerate(_decoded_lines(binary, bad_lines), 1):
+            if not line.strip():
+                continue
+            if bad_lines and bad_lines[-1] == lineno:
+                yield RecordError(path, lineno, "line is not valid UTF-8")
+            else:
+                yield _jsonl_record(path, lineno, index, line)
+            index += 1
+
+
+def _jsonl_record(path: Path, line: int, index: int, text: str) -> Record | RecordError:
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return RecordError(path, line, f"invalid JSON: {e}")
+    if not isinstance(obj, dict):
+        return RecordError(path, line, f"expected a JSON object, got {type(obj).__name__}")
+    try:
+        seq_col = _seq_column(obj.keys(), path, "key(s)")
+    except RecordError as e:
+        return RecordError(path, line, e.reason)
+    return _make_record(
+        path, line, index, obj["obj_id"], obj["obj_type"], obj[seq_col], obj.get("obj_label")
+    )
+
+
+def iter_records(path, fmt: str = "auto", fasta_obj_type: str = "auto"):
+    """Yield a Record, or a RecordError for each bad record, for every record in `path`.
+
+    fmt: one of FORMATS, or "auto" to detect it from the extension.
+    fasta_obj_type: "gene" or "prot" forces the type of every FASTA record; "auto" decides per
+    record (nucleotide letters only and >= 90% A/C/G/T/U/N -> gene, else prot).
+    Raises RecordError for problems with the whole file.
+    """
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose 'auto' or one of {FORMATS}")
+    if fasta_obj_type not in ("auto", "gene", "prot"):
+        raise ValueError(f"fasta_obj_type must be 'auto', 'gene' or 'prot', got {fasta_obj_type!r}")
+    path = Path(path)
+    if not path.exists():
+        raise RecordError(path, None, "no such file or directory")
+    if not path.is_file():
+        raise RecordError(path, None, "not a regular file")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt == "lucaone_csv":
+        return _iter_lucaone_csv(path)
+    if fmt == "fasta":
+        return _iter_fasta(path, fasta_obj_type)
+    if fmt == "swissprot":
+        return _iter_swissprot(path)
+    if fmt == "parquet":
+        return _iter_parquet(path)
+    return _iter_jsonl(path)

@@ -1,0 +1,208 @@
+"""DeepSpeed, in one place: process group, engine construction, backward/step, save/load, export.
+
+This is the only module that imports `deepspeed`. The same code serves one CPU process, several
+CPU processes over gloo and N GPUs over NCCL; DeepSpeed's accelerator abstraction picks the device
+and the communication backend.
+
+Batch sizes, accumulation and clipping in the DeepSpeed JSON are "auto": they are filled from the
+training config here, so the two never disagree silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from lucatrain import dist
+from lucatrain.optim import lr_multiplier, param_groups
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+SHIPPED_DS_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
+
+
+def resolve_ds_config_path(name_or_path: str) -> Path:
+    """A shipped config name (`zero2`) or a path to a DeepSpeed JSON file."""
+    candidates = [Path(name_or_path), DS_CONFIG_DIR / f"{name_or_path}.json", DS_CONFIG_DIR / name_or_path]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"DeepSpeed config {name_or_path!r} not found (looked in {DS_CONFIG_DIR})")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join the process group set up by the launcher (deepspeed, torchrun), or make a 1-process one.
+
+    Plain `python -m lucatrain train` has no launcher environment; DeepSpeed still needs a process
+    group, so we describe a world of one on a free local port.
+    """
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    accelerator = deepspeed.get_accelerator()
+    if accelerator.device_name() == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+
+
+def device() -> torch.device:
+    import deepspeed
+
+    return torch.device(deepspeed.get_accelerator().current_device_name())
+
+
+def peak_memory_bytes() -> int:
+    """Peak accelerator memory of this process; on CPU the peak resident set size."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def build_ds_config(cfg, world_size: int) -> dict:
+    """The DeepSpeed JSON with every "auto" filled from the training config."""
+    path = resolve_ds_config_path(cfg.deepspeed.config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
+    train = cfg.train
+    ds["train_micro_batch_size_per_gpu"] = train.batch_size
+    ds["gradient_accumulation_steps"] = train.gradient_accumulation_steps
+    ds["train_batch_size"] = train.batch_size * train.gradient_accumulation_steps * world_size
+    ds["gradient_clipping"] = train.max_grad_norm
+    precision = cfg.deepspeed.precision
+    ds["bf16"] = {"enabled": precision == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
+    ds.setdefault("steps_per_print", 10**9)  # lucatrain does its own logging
+    ds.setdefault("wall_clock_breakdown", False)
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    if offload and device().type != "cuda":
+        # DeepSpeedCPUAdam would need another JIT-built op; torch's AdamW is as good on a CPU host.
+        ds["zero_force_ds_cpu_optimizer"] = False
+    for key, value in ds.items():
+        if value == "auto":
+            raise ValueError(f"{path}: key {key!r} is 'auto' but lucatrain has no value for it")
+    return ds
+
+
+def _make_optimizer(module: torch.nn.Module, cfg, ds_config: dict) -> torch.optim.Optimizer:
+    train = cfg.train
+    groups = param_groups(module, train.weight_decay)
+    kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon)
+    if not ds_config.get("zero_force_ds_cpu_optimizer", True) or "offload_optimizer" not in ds_config.get(
+        "zero_optimization", {}
+    ):
+        return torch.optim.AdamW(groups, **kwargs)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+
+
+class Engine:
+    """A DeepSpeed engine around a Task module, with the few verbs the trainer needs."""
+
+    def __init__(self, module: torch.nn.Module, cfg):
+        import deepspeed
+
+        self.cfg = cfg
+        self.world_size = dist.world_size()
+        self.ds_config = build_ds_config(cfg, self.world_size)
+        optimizer = _make_optimizer(module, cfg, self.ds_config)
+        train = cfg.train
+
+        def schedule(optim):
+            return torch.optim.lr_scheduler.LambdaLR(
+                optim,
+                lambda step: lr_multiplier(
+                    step, train.lr_scheduler, train.warmup_steps, train.max_steps, train.learning_rate, train.lr2
+                ),
+            )
+
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config
+        )
+        self.zero_stage = self.ds.zero_optimization_stage()
+        self.device = self.ds.device
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def __call__(self, *args, **kwargs):
+        return self.ds(*args, **kwargs)
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a loss already normalised by the whole step's target count (see tasks/mlm.py).
+
+        DeepSpeed would divide by the accumulation steps (we switch that off) and averages
+        gradients over ranks (we undo that by scaling with the world size), so the gradient is the
+        exact gradient of the per-target mean over the global batch.
+        """
+        self.ds.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def step(self) -> None:
+        """Call after every micro-batch; DeepSpeed updates at the accumulation boundary."""
+        self.ds.step()
+
+    def grad_norm(self) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    @property
+    def global_steps(self) -> int:
+        return int(self.ds.global_steps)
+
+    def save(self, directory: str | Path, tag: str, client_state: dict) -> None:
+        """Model + optimizer + scheduler shards of every rank (collective)."""
+        self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, directory: str | Path, tag: str) -> dict:
+        """Restore a `save` (collective); returns the client_state."""
+        path, client_state = self.ds.load_checkpoint(str(directory), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
+        return client_state or {}
+
+    def full_state_dict(self, submodule: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """fp32 state dict of `submodule`, assembled from shards (collective: call on every rank).
+
+        Uses the optimizer's fp32 master weights when DeepSpeed keeps them (bf16/fp16, ZeRO), so an
+        export from a bf16 run is not rounded to bf16.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, param in submodule.named_parameters(remove_duplicate=False):
+            full = safe_get_full_fp32_param(param)
+            if full is None:  # ZeRO-0 fp32: the parameter is the master weight
+                full = param.detach()
+            state[name] = full.detach().float().cpu().clone()
+        for name, buffer in submodule.named_buffers():
+            state[name] = buffer.detach().float().cpu().clone()
+        return state

@@ -1,0 +1,32 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lucatrain",
+    version="0.1.0",
+    description="DeepSpeed pretraining of gene/protein language models (LucaOne/LucaVirus style) "
+    "with exact sample-id resume.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lucatrain", "lucatrain.*"]),
+    package_data={"lucatrain": ["configs/*.yaml"]},
+    install_requires=[
+        # torch is pinned by the install commands in the README (a CPU wheel lies on disk);
+        # any 2.x satisfies us, so an existing CUDA build is kept.
+        "torch>=2.3",
+        "deepspeed>=0.15",
+        "transformers>=4.40",
+        "datasets>=2.19",
+        "pyarrow>=14",
+        "numpy>=1.24",
+        "biopython>=1.80",
+        "safetensors>=0.4",
+        "tensorboard>=2.14",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["lucatrain=lucatrain.cli:main"]},
+)

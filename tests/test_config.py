@@ -1,0 +1,69 @@
+import pytest
+import yaml
+
+from lucatrain.config import Config, ConfigError, load_config, shipped_recipes
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.tasks.names == ["gene_mask", "prot_mask"]
+
+
+@pytest.mark.parametrize("name", shipped_recipes())
+def test_every_shipped_recipe_loads_and_validates(name):
+    cfg = load_config(name)
+    cfg.validate()
+
+
+def test_lucavirus_recipe_sizes():
+    cfg = load_config("lucavirus_v1.0")
+    assert (cfg.model.num_hidden_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (12, 2560, 20)
+    assert cfg.data.max_length == 3074
+
+
+def test_precedence_cli_over_yaml_over_defaults(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"train": {"gradient_accumulation_steps": 4, "max_steps": 50, "warmup_steps": 5}}))
+    cfg = load_config(recipe, ["train.gradient_accumulation_steps=32", "train.learning_rate=1e-4", "data.train_files=[a.csv, b.fa]"])
+    assert cfg.train.gradient_accumulation_steps == 32  # CLI beats YAML
+    assert cfg.train.max_steps == 50  # YAML beats default
+    assert cfg.train.batch_size == 8  # default
+    assert cfg.train.learning_rate == 1e-4
+    assert cfg.data.train_files == ["a.csv", "b.fa"]
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("demo_tiny", ["train.max_steps=70"])
+    cfg.save(tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ("train.gradient_acumulation_steps=3", "unknown config key `train.gradient_acumulation_steps`"),
+        ("trian.max_steps=3", "unknown config section `trian`"),
+        ("train.lr_scheduler=step", "`train.lr_scheduler` must be one of ['linear', 'cosine', 'constant']"),
+        ("train.batch_size=0", "`train.batch_size` must be > 0"),
+        ("train.batch_size=abc", "`train.batch_size` must be an integer"),
+        ("data.bad_records=ignore", "`data.bad_records` must be one of ['fail', 'skip']"),
+        ("tasks.names=[gene_mask, prot_mlm]", "unknown task 'prot_mlm'; valid tasks are"),
+        ("model.num_attention_heads=7", "must be divisible by `model.num_attention_heads`"),
+        ("deepspeed.precision=fp8", "`deepspeed.precision` must be one of ['fp32', 'bf16', 'fp16']"),
+        ("deepspeed.config=zero9", "shipped configs are"),
+        ("train.warmup_steps=5000", "`train.warmup_steps` (5000) exceeds `train.max_steps`"),
+        ("data.max_tokens=100", "`data.max_tokens` (100) must be >= `data.max_length`"),
+        ("max_steps=3", "must be `section.key=value`"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo_tiny", [override])
+    assert fragment in str(err.value)
+
+
+def test_missing_recipe_lists_shipped(tmp_path):
+    with pytest.raises(ConfigError, match="shipped recipes are"):
+        load_config(tmp_path / "nope.yaml")
