@@ -13,12 +13,16 @@ from __future__ import annotations
 import json
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import torch
 
 from lucatrain import dist
 from lucatrain.optim import lr_multiplier, param_groups
+
+# DeepSpeed still calls collectives that torch deprecated; the warning repeats every step.
+warnings.filterwarnings("ignore", message=r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 SHIPPED_DS_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")

@@ -106,6 +106,7 @@ class Trainer:
         self.train_data = load_data(cfg.data.train_files, cfg)
         self.dev_data = load_data(cfg.data.dev_files, cfg) if cfg.data.dev_files else None
         self.model = build_model(cfg)
+        num_params = self.model.num_parameters()  # before ZeRO-3 partitions the parameters away
         self.task = build_task(self.model, cfg.tasks.names, cfg.tasks.weights)
         self.engine = Engine(self.task, cfg)
         masking = MaskingConfig(cfg.tasks.mask_prob, cfg.tasks.mask_token_prob, cfg.tasks.random_token_prob)
@@ -129,7 +130,7 @@ class Trainer:
         self.logger.info(
             "world_size=%d params=%.2fM train_records=%d dev_records=%d zero_stage=%d precision=%s",
             self.world_size,
-            self.model.num_parameters() / 1e6,
+            num_params / 1e6,
             len(self.train_data),
             len(self.dev_data) if self.dev_data else 0,
             self.engine.zero_stage,
@@ -163,25 +164,14 @@ class Trainer:
 
     def train(self) -> dict:
         cfg = self.cfg.train
-        total = cfg.max_steps or (len(self.epoch_plan(0)) * cfg.num_train_epochs)
+        by_epochs = len(self.epoch_plan(0)) * cfg.num_train_epochs if cfg.num_train_epochs else math.inf
+        total = int(min(cfg.max_steps or math.inf, by_epochs))
         monitor = Monitor(self.run_dir, total, self.cfg.logger.tensorboard, cfg.progress_bar and dist.is_main())
         window: dict[str, float] = {}
         window_start, window_steps = time.perf_counter(), 0
         self.engine.train()
         for epoch, micro_batches in self.steps():
-            # The loss normaliser: targets per task in this whole step, over all micro-batches and ranks.
-            counts: dict[str, float] = {}
-            for mb in micro_batches:
-                for name, n in self.task.count_targets(mb).items():
-                    counts[name] = counts.get(name, 0) + n
-            totals = dist.all_reduce_dict(counts, self.engine.device)
-
-            for mb in micro_batches:
-                loss, report = self.engine(to_device(mb, self.engine.device), totals)
-                self.engine.backward(loss)
-                self.engine.step()
-                _accumulate(window, {k: float(v) for k, v in report.items()})
-                _accumulate(window, {"tokens": float(mb["num_tokens"]), "samples": float(len(mb["sample_ids"]))})
+            _accumulate(window, self.train_step(micro_batches))
             self.global_step += 1
             window_steps += 1
 
@@ -221,6 +211,23 @@ class Trainer:
             (self.run_dir / "history.json").write_text(json.dumps(self.history, indent=1))
         self.logger.info("done: %d steps, %d samples, %d tokens -> %s", self.global_step, self.samples_seen, self.tokens_seen, self.run_dir)
         return {"history": self.history, "global_step": self.global_step}
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; returns the summed report."""
+        # The loss normaliser: targets per task in this whole step, over all micro-batches and ranks.
+        counts: dict[str, float] = {}
+        for mb in micro_batches:
+            _accumulate(counts, self.task.count_targets(mb))
+        totals = dist.all_reduce_dict(counts, self.engine.device)
+
+        summed: dict[str, float] = {}
+        for mb in micro_batches:
+            loss, report = self.engine(to_device(mb, self.engine.device), totals)
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed updates only at the accumulation boundary
+            _accumulate(summed, {k: float(v) for k, v in report.items()})
+            _accumulate(summed, {"tokens": float(mb["num_tokens"]), "samples": float(len(mb["sample_ids"]))})
+        return summed
 
     def weighted_loss(self, metrics: dict[str, float]) -> float:
         """The objective as the optimizer sees it: sum over tasks of weight x per-target mean loss."""

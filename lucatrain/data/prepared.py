@@ -65,7 +65,7 @@ SCHEMA = pa.schema(
 
 
 def sample_id_of(file_name: str, index: int, obj_id: str) -> int:
-    """The stable 63-bit id of record `index` (0-based) with `obj_id` in a file named `file_name`."""
+    """Stable 63-bit id of the record `obj_id` at 0-based `index` in a file named `file_name`."""
     digest = hashlib.blake2b(f"{file_name}\x00{index}\x00{obj_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & _ID_MASK
 
@@ -230,7 +230,10 @@ def _check_unique_ids(ids, lines, files, file_row_ends, data_path: Path) -> None
     dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
     if dup.size == 0:
         return
-    rows = order[dup[0]], order[dup[0] + 1]
+    # Report the duplicate met first in input order: the pair whose later row comes earliest.
+    # The stable sort keeps equal ids in row order, so order[k] < order[k + 1] in each pair.
+    k = dup[np.argmin(order[dup + 1])]
+    rows = order[k], order[k + 1]
     with pa.memory_map(str(data_path)) as source:
         obj_ids = pa.ipc.open_stream(source).read_all().column("obj_id")
         where = []
@@ -238,7 +241,7 @@ def _check_unique_ids(ids, lines, files, file_row_ends, data_path: Path) -> None
             file = files[int(np.searchsorted(file_row_ends, row, side="right"))]
             where.append(f"{file}:{lines[row]} (obj_id {obj_ids[int(row)].as_py()!r})")
     raise ValueError(
-        f"duplicate sample_id {int(sorted_ids[dup[0]])}: {where[0]} and {where[1]} "
+        f"duplicate sample_id {int(sorted_ids[k])}: {where[0]} and {where[1]} "
         "(the same file name, record position and obj_id; is one file in the inputs twice?)"
     )
 
@@ -306,7 +309,7 @@ def prepare(inputs, out_dir, *, fmt="auto", fasta_obj_type="auto", bad_records="
     if fmt == "auto":
         for path in files:
             detect_format(path)  # fail on an unknown extension before hashing everything
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()
     return _prepare_files(files, out_dir, options, fingerprint_inputs(files, options))
 
 
@@ -387,7 +390,7 @@ def prepare_or_load(inputs, cache_dir, **options) -> PreparedDataset:
         for path in files:
             detect_format(path)
     fingerprint = fingerprint_inputs(files, opts)
-    out_dir = Path(cache_dir) / fingerprint[:16]
+    out_dir = Path(cache_dir).expanduser() / fingerprint[:16]
     if is_prepared(out_dir):
         dataset = load_prepared(out_dir)
         if dataset.fingerprint != fingerprint:
@@ -435,7 +438,7 @@ class PreparedDataset:
         return (load_prepared, (str(self.path),))
 
     def rows(self, indices) -> dict:
-        """Columns sample_id, obj_type, seq, labels of the rows at `indices` (any order, repeats ok)."""
+        """Columns sample_id, obj_type, seq, labels of rows `indices` (any order, repeats ok)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_records):
             bad = idx[(idx < 0) | (idx >= self.num_records)][0]

@@ -331,7 +331,9 @@ def _iter_lucaone_csv(path: Path) -> Iterator[Record | RecordError]:
         index = 0
         end = reader.line_num
         while True:
-            start = end + 1  # a quoted field may span lines: the record starts after the last
+            # A quoted field may span several lines, so a record starts on the line after the
+            # one where the previous row ended, not at a fixed offset.
+            start = end + 1
             try:
                 row = next(reader, None)
             except csv.Error as e:
@@ -381,7 +383,7 @@ def _iter_fasta(path: Path, fasta_obj_type: str) -> Iterator[Record | RecordErro
                 stray = lineno
             yield line
 
-    from Bio.SeqIO.FastaIO import SimpleFastaParser
+    from Bio.SeqIO.FastaIO import SimpleFastaParser  # lazy: Biopython is slow to import
 
     with _open_binary(path) as binary:
         # utf-8-sig drops a byte-order mark, which would hide the first '>'. An invalid byte
@@ -516,7 +518,8 @@ def iter_records(path, fmt: str = "auto", fasta_obj_type: str = "auto"):
     fmt: one of FORMATS, or "auto" to detect it from the extension.
     fasta_obj_type: "gene" or "prot" forces the type of every FASTA record; "auto" decides per
     record (nucleotide letters only and >= 90% A/C/G/T/U/N -> gene, else prot).
-    Raises RecordError for problems with the whole file.
+    Raises RecordError for problems with the whole file: a missing file when called; a bad
+    CSV header, an unreadable Parquet file or missing required columns when iteration starts.
     """
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose 'auto' or one of {FORMATS}")

@@ -1,0 +1,59 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "examples" / "data"
+LUCAONE_TRAIN = DATA / "lucaone_sample" / "train" / "train.csv"
+LUCAONE_DEV = DATA / "lucaone_sample" / "dev" / "dev.csv"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "multiprocess: launches several real processes over gloo")
+    config.addinivalue_line("markers", "slow: minutes on 2 cores; run with -m slow")
+
+
+def tiny_overrides(tmp_path: Path, **extra) -> list[str]:
+    """A tiny, deterministic fp32 run on the shipped dev split (312 real records)."""
+    values = {
+        "train.output_dir": tmp_path / "run",
+        "data.cache_dir": tmp_path / "cache",
+        "data.train_files": f"[{LUCAONE_DEV}]",
+        "data.dev_files": "[]",
+        "data.max_length": 66,
+        "model.hidden_size": 32,
+        "model.num_hidden_layers": 2,
+        "model.num_attention_heads": 4,
+        "model.hidden_dropout_prob": 0.0,
+        "train.warmup_steps": 0,
+        "train.lr_scheduler": "constant",
+        "train.progress_bar": "false",
+        "deepspeed.precision": "fp32",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def launch(args: list[str], nproc: int, timeout: int = 600, launcher: str = "deepspeed") -> subprocess.CompletedProcess:
+    """Run `python -m lucatrain ARGS` under a real launcher with `nproc` CPU processes (gloo)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if launcher == "deepspeed":
+        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nproc), "--master_port", str(_free_port()), "--module", "lucatrain", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), "-m", "lucatrain", *args]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}")
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
