@@ -20,7 +20,7 @@ from lucatrain import dist
 from lucatrain.config import Config
 from lucatrain.data.batching import BatchSpec, plan_epoch, rank_micro_batches
 from lucatrain.data.collate import EVAL_EPOCH, Collator, MaskingConfig
-from lucatrain.data.prepared import PreparedDataset, prepare_or_load
+from lucatrain.data.prepared import PreparedDataset, load_prepared, prepare_or_load
 from lucatrain.engine import Engine, init_distributed, peak_memory_bytes
 from lucatrain.models.lucagplm import LucaGPLM, LucaGPLMConfig
 from lucatrain.monitor import Monitor, setup_logging
@@ -70,15 +70,21 @@ def build_model(cfg: Config) -> LucaGPLM:
 
 
 def load_data(files: list[str], cfg: Config) -> PreparedDataset:
-    """Prepare (rank 0) or reuse the prepared dataset for `files`; other ranks wait, then load."""
+    """Prepare (rank 0) or reuse the prepared dataset for `files`; other ranks then open it."""
     options = dict(fmt=cfg.data.format, fasta_obj_type=cfg.data.fasta_obj_type, bad_records=cfg.data.bad_records)
     cache_dir = Path(cfg.data.cache_dir).expanduser()
+    data, outcome = None, None
     if dist.is_main():
-        data = prepare_or_load(files, cache_dir, **options)
-    dist.barrier()
-    if not dist.is_main():
-        data = prepare_or_load(files, cache_dir, **options)
-    return data
+        try:
+            data = prepare_or_load(files, cache_dir, **options)
+            outcome = ("ok", str(data.path))
+        except ValueError as err:  # bad input: every rank must stop with the same message, not hang
+            outcome = ("error", err)
+    # Other ranks open what rank 0 prepared instead of re-hashing every input file themselves.
+    status, payload = dist.broadcast_object(outcome)
+    if status == "error":
+        raise payload
+    return data if data is not None else load_prepared(payload)
 
 
 def seed_everything(seed: int) -> None:
