@@ -60,7 +60,30 @@ def init_distributed() -> None:
     accelerator = deepspeed.get_accelerator()
     if accelerator.device_name() == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if accelerator.device_name() == "cpu":
+        _build_cpu_comm_op_once()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+
+
+def _build_cpu_comm_op_once() -> None:
+    """JIT-build DeepSpeed's CPU shared-memory comm op under a file lock.
+
+    On a cold cache every rank would compile the same op at once; two compilers racing on one
+    extension directory has crashed a rank. With the lock, the first rank builds and the others
+    then load the cached library.
+    """
+    import fcntl
+
+    import deepspeed
+
+    builder = deepspeed.get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    lock_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")).expanduser()
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / "lucatrain-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        builder.load(verbose=False)
 
 
 def device() -> torch.device:

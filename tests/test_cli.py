@@ -1,0 +1,81 @@
+"""The command line: verbs, user errors as one clear line, run scripts through the real launchers."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, launch, tiny_overrides
+
+
+def lucatrain(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "lucatrain", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_bad_config_key_fails_fast_naming_it(tmp_path):
+    result = lucatrain("train", "--config", "demo_tiny", "train.gradient_acumulation_steps=4")
+    assert result.returncode == 2
+    assert "unknown config key `train.gradient_acumulation_steps`" in result.stderr
+    assert "gradient_accumulation_steps" in result.stderr  # the valid keys are listed
+
+
+def test_prepare_verb_and_bad_record_names_file_and_line(tmp_path):
+    good = tmp_path / "good.fasta"
+    good.write_text(">g1\nACGTACGTTT\n>p1\nMKLVVAAG\n")
+    result = lucatrain("prepare", good, "--out", tmp_path / "prepared")
+    assert result.returncode == 0, result.stderr
+    assert "prepared 2 records" in result.stdout
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("obj_id,obj_type,obj_seq,obj_label\ng1,gene,ACGT,{}\ng2,gene,AC7T,{}\n")
+    result = lucatrain("train", "--config", "demo_tiny", *tiny_overrides(tmp_path, **{"data.train_files": f"[{bad}]"}))
+    assert result.returncode == 2
+    assert f"{bad}:3:" in result.stderr and "'7'" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.multiprocess
+def test_bad_input_stops_every_rank(tmp_path):
+    """Rank 0 finds the bad record; the other rank must stop too, not hang in a collective."""
+    bad = tmp_path / "bad.csv"
+    bad.write_text("obj_id,obj_type,obj_seq,obj_label\ng1,gene,ACGT\n")
+    args = ["train", "--config", "demo_tiny", *tiny_overrides(tmp_path, **{"data.train_files": f"[{bad}]"})]
+    with pytest.raises(pytest.fail.Exception) as failure:
+        launch(args, nproc=2, timeout=240)
+    assert f"{bad}:2: expected 4 columns, found 3" in str(failure.value)
+
+
+def _tiny_script_env(tmp_path, **extra):
+    return {
+        **os.environ,
+        "MAX_LENGTH": "66", "HIDDEN_SIZE": "32", "NUM_ATTENTION_LAYERS": "2", "NUM_ATTENTION_HEADS": "4",
+        "batch_size": "4", "gradient_accumulation_steps": "2", "max_steps": "6", "warmup_steps": "1",
+        "loss_logging_steps": "3", "save_steps": "3", "eval_steps": "3", "PRECISION": "fp32", "worker_num": "1",
+        "OUTPUT_DIR": str(tmp_path / "run"),
+        "EXTRA_ARGS": f"data.cache_dir={tmp_path / 'cache'} train.progress_bar=false",
+        **extra,
+    }
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("script,nproc", [("run_multi_mask_v1.0.sh", "2"), ("run_multi_v1.0_single.sh", "1")])
+def test_run_scripts_run_tiny_on_cpu(tmp_path, script, nproc):
+    env = _tiny_script_env(tmp_path, nproc_per_node=nproc, MASTER_PORT=str(_port()))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    result = subprocess.run(["bash", f"run_scripts/{script}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = (tmp_path / "run" / "logs" / "training.log").read_text()
+    assert f"world_size={nproc}" in log
+    assert "done: 6 steps" in log
+    assert (tmp_path / "run" / "checkpoints" / "step-3").is_dir()
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+
+
+def _port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
