@@ -23,6 +23,7 @@ setup(
         "numpy>=1.24",
         "biopython>=1.80",
         "safetensors>=0.4",
+        "peft>=0.10",
         "tensorboard>=2.14",
         "pyyaml>=6",
         "tqdm>=4.60",

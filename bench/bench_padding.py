@@ -5,20 +5,22 @@ B x L_max, where a length is what the collator produces ([CLS] + residues + [SEP
 max_length) and L_max is the longest in the micro-batch (the collator pads to it).
 
 Data: the shipped rRNA genes FASTA (3,018 genes) + Swiss-Prot sample (100 proteins), prepared with
-lucatrain.data.prepared.prepare into a temp dir; max_length 1026.
+lucatrain.data.prepared.prepare into a temp dir; max_length 1026 (the target), and also 3074 (LucaVirus)
+because at 1026 about 95% of these rRNA genes are truncated to the same length, which makes even
+fixed batches pad little; at 3074 the lengths spread (p10 1289, p90 1773, max 3074).
 
 The epoch plans come from lucatrain.data.batching exactly as Trainer builds them: the same BatchSpec
 fields (micro_batches_per_step = world x accumulation, sort_pool_size = bucket_size x world x
 accumulation x batch_size), `plan_epoch`, then `rank_micro_batches` for every rank.
 
   fixed   BatchSpec(max_tokens=0, batch_size=8): 8 records per micro-batch, padded to the longest
-  budget  BatchSpec(max_tokens=8208 = 8 x 1026): length-sorted pools, B x L_max <= 8208 per micro-batch
+  budget  BatchSpec(max_tokens = 8 x max_length, 8208 at 1026): length-sorted pools, B x L_max <= budget
 
 Topologies: world 1 x accumulation 1 and world 2 x accumulation 2. Averaged over `--epochs`
 epochs. The figures from the plan are cross-checked against real Collator output for world 1.
 
     python bench/bench_padding.py
-    python bench/bench_padding.py --max-tokens 16416 --epochs 5
+    python bench/bench_padding.py --max-lengths 1026 --budget-factor 16 --epochs 5
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ TARGET = 0.90
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--max-length", type=int, default=1026)
+    p.add_argument("--max-lengths", default="1026,3074", help="comma-separated data.max_length values")
     p.add_argument("--batch-size", type=int, default=8, help="records per micro-batch in fixed mode")
-    p.add_argument("--max-tokens", type=int, default=0, help="token budget per micro-batch (default batch-size x max-length)")
+    p.add_argument("--budget-factor", type=int, default=8, help="token budget = this x max_length (8 x 1026 = 8208)")
     p.add_argument("--bucket-size", type=int, default=DataConfig().bucket_size, help="data.bucket_size (trainer default)")
     p.add_argument("--topologies", default="1x1,2x2", help="comma-separated WORLDxACCUMULATION")
     p.add_argument("--epochs", type=int, default=3)
@@ -119,51 +121,55 @@ def collate_check(data, micro_batches: list[np.ndarray], max_length: int) -> flo
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    max_tokens = args.max_tokens or args.batch_size * args.max_length
     topologies = [tuple(int(x) for x in t.split("x")) for t in args.topologies.split(",") if t]
-    rows, results, verdicts = [], [], []
+    max_lengths = [int(x) for x in args.max_lengths.split(",") if x]
+    results, verdicts, data_info = [], [], {}
     with tempfile.TemporaryDirectory(prefix="bench-padding-") as tmp:
         data = prepare([str(_common.RRNA_FASTA), str(_common.SWISSPROT_DAT)], Path(tmp) / "prepared")
-        lengths = padded_lengths(data.lengths, args.max_length)
-        for world, accumulation in topologies:
-            for mode, budget in (("fixed", 0), ("token budget", max_tokens)):
-                spec = trainer_spec(world, accumulation, args.batch_size, budget, args.max_length, args.bucket_size)
-                r = measure(data, spec, world, accumulation, args.epochs, args.seed)
-                w1 = r.pop("_w1_epoch0")
-                if world == 1 and not args.no_collate_check:
-                    r["collator_efficiency_epoch0"] = collate_check(data, w1, args.max_length)
-                r.update(mode=mode, world=world, accumulation=accumulation, max_tokens=budget)
-                results.append(r)
-                rows.append([mode, f"{world}x{accumulation}", budget or f"B={args.batch_size}", r["efficiency"],
-                             r.get("collator_efficiency_epoch0", "-"), r["steps_per_epoch"], r["mean_micro_batch_size"],
-                             r["mean_computed_tokens_per_micro_batch"], r["largest_micro_batch_tokens"],
-                             r["samples_used_share"], r["rank_imbalance"]])  # fmt: skip
-        data_info = {
-            "records": len(data),
-            "obj_type_counts": data.meta["obj_type_counts"],
-            "length_percentiles_tokens": {str(q): float(np.percentile(lengths, q)) for q in (0, 10, 50, 90, 100)},
-            "truncated_share": float((data.lengths + 2 > args.max_length).mean()),
-        }
+        data_info = {"records": len(data), "obj_type_counts": data.meta["obj_type_counts"], "per_max_length": {}}
+        for max_length in max_lengths:
+            max_tokens = args.budget_factor * max_length
+            lengths = padded_lengths(data.lengths, max_length)
+            data_info["per_max_length"][max_length] = {
+                "token_percentiles": {str(q): float(np.percentile(lengths, q)) for q in (0, 10, 50, 90, 100)},
+                "truncated_share": float((data.lengths + 2 > max_length).mean()),
+            }
+            rows = []
+            for world, accumulation in topologies:
+                for mode, budget in (("fixed", 0), ("token budget", max_tokens)):
+                    spec = trainer_spec(world, accumulation, args.batch_size, budget, max_length, args.bucket_size)
+                    r = measure(data, spec, world, accumulation, args.epochs, args.seed)
+                    w1 = r.pop("_w1_epoch0")
+                    if world == 1 and not args.no_collate_check:
+                        r["collator_efficiency_epoch0"] = collate_check(data, w1, max_length)
+                    r.update(mode=mode, max_length=max_length, world=world, accumulation=accumulation, max_tokens=budget)
+                    results.append(r)
+                    rows.append([mode, f"{world}x{accumulation}", budget or f"B={args.batch_size}", r["efficiency"],
+                                 r.get("collator_efficiency_epoch0", "-"), f"{r['steps_per_epoch']:.1f}", r["mean_micro_batch_size"],
+                                 r["mean_computed_tokens_per_micro_batch"], r["largest_micro_batch_tokens"],
+                                 r["samples_used_share"], r["rank_imbalance"]])  # fmt: skip
+            info = data_info["per_max_length"][max_length]
+            print(f"\nmax_length {max_length}: {len(data)} records {data.meta['obj_type_counts']}, tokens per record "
+                  "(CLS/SEP included, truncated) p0/p10/p50/p90/p100 = "
+                  + "/".join(f"{v:.0f}" for v in info["token_percentiles"].values())
+                  + f", {info['truncated_share']:.0%} truncated; {args.epochs} epochs")  # fmt: skip
+            _common.print_table(
+                ["mode", "WxA", "per micro-batch", "efficiency", "collator check", "steps/epoch", "mean B",
+                 "mean B x Lmax", "max B x Lmax", "samples used", "rank imbalance"],
+                rows,
+            )  # fmt: skip
 
-    print(f"\n{data_info['records']} records {data_info['obj_type_counts']}, tokens per record (after CLS/SEP, "
-          f"truncation to {args.max_length}) p0/p10/p50/p90/p100 = "
-          + "/".join(f"{v:.0f}" for v in data_info["length_percentiles_tokens"].values())
-          + f"; {args.epochs} epochs")  # fmt: skip
-    _common.print_table(
-        ["mode", "WxA", "per micro-batch", "efficiency", "collator check", "steps/epoch", "mean B",
-         "mean B x Lmax", "max B x Lmax", "samples used", "rank imbalance"],
-        rows,
-    )  # fmt: skip
+    print()
     for r in results:
         if r["mode"] == "token budget":
-            name = f"padding_efficiency_token_budget_w{r['world']}a{r['accumulation']}"
+            name = f"padding_efficiency_token_budget_L{r['max_length']}_w{r['world']}a{r['accumulation']}"
             line, ok = _common.ratio_line(name, r["efficiency"], TARGET)
             verdicts.append({"name": name, "value": r["efficiency"], "target": TARGET, "pass": ok})
             print(line)
     path = _common.write_results(
         "padding",
-        {"settings": {k: v for k, v in vars(args).items() if k != "out_dir"} | {"max_tokens": max_tokens},
-         "data": data_info, "results": results, "ratios": verdicts},
+        {"settings": {k: v for k, v in vars(args).items() if k != "out_dir"}, "data": data_info,
+         "results": results, "ratios": verdicts},
         args.out_dir,
     )  # fmt: skip
     print(f"wrote {path}")

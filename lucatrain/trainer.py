@@ -22,6 +22,7 @@ from lucatrain.data.batching import BatchSpec, plan_epoch, rank_micro_batches
 from lucatrain.data.collate import EVAL_EPOCH, Collator, MaskingConfig
 from lucatrain.data.prepared import PreparedDataset, load_prepared, prepare_or_load
 from lucatrain.engine import Engine, init_distributed, peak_memory_bytes
+from lucatrain.models.lora import apply_lora, merge_lora_state_dict
 from lucatrain.models.lucagplm import LucaGPLM, LucaGPLMConfig
 from lucatrain.monitor import Monitor, setup_logging
 from lucatrain.tasks import build_task
@@ -113,6 +114,9 @@ class Trainer:
         self.dev_data = load_data(cfg.data.dev_files, cfg) if cfg.data.dev_files else None
         self.model = build_model(cfg)
         num_params = self.model.num_parameters()  # before ZeRO-3 partitions the parameters away
+        if cfg.lora.enabled:
+            lora = cfg.lora
+            self.model = apply_lora(self.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
         self.task = build_task(self.model, cfg.tasks.names, cfg.tasks.weights)
         self.engine = Engine(self.task, cfg)
         masking = MaskingConfig(cfg.tasks.mask_prob, cfg.tasks.mask_token_prob, cfg.tasks.random_token_prob)
@@ -291,6 +295,8 @@ class Trainer:
     def export(self, directory: Path, extra: dict | None = None) -> None:
         """Encoder weights as config.json + model.safetensors (collective: gathers ZeRO shards)."""
         state = self.engine.full_state_dict(self.model)
+        if self.cfg.lora.enabled:
+            state = merge_lora_state_dict(state, self.cfg.lora.r, self.cfg.lora.alpha)
         if dist.is_main():
             self.model.save_pretrained(directory, state_dict=state)
             info = {"global_step": self.global_step, **(extra or {})}

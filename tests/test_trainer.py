@@ -76,7 +76,7 @@ def test_short_training_loss_falls_and_exports_reload(tmp_path):
     cfg = load_config("demo_tiny", overrides)
     trainer = Trainer(cfg)
     result = trainer.train()
-    train_losses = [h["loss"] for h in result["history"] if "loss" in h]
+    train_losses = [h["gene_mask/loss"] for h in result["history"] if "gene_mask/loss" in h]
     assert train_losses[-1] < 0.8 * train_losses[0]
     run = tmp_path / "run"
     for path in ("config.yaml", "logs/training.log", "last/model.safetensors", "best/model.safetensors", "history.json"):
@@ -100,3 +100,28 @@ def test_short_training_loss_falls_and_exports_reload(tmp_path):
             sums[1] += int(sel.sum())
     assert sums[0] / sums[1] == pytest.approx(final_eval, rel=1e-4)
     assert json.loads((run / "last" / "trainer_state.json").read_text())["global_step"] == 40
+
+
+def test_lora_trains_only_adapters_and_exports_merged_weights(tmp_path):
+    from lucatrain.trainer import build_model, seed_everything
+
+    overrides = tiny_overrides(
+        tmp_path,
+        **{"train.max_steps": 5, "train.learning_rate": 1e-2, "lora.enabled": "true", "lora.r": 4,
+           "lora.target_modules": "[q_proj, v_proj]"},
+    )
+    cfg = load_config("demo_tiny", overrides)
+    seed_everything(cfg.train.seed)
+    initial = build_model(cfg).state_dict()
+    trainer = Trainer(cfg)
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    trainer.train()
+    exported = LucaGPLM.from_pretrained(tmp_path / "run" / "last").state_dict()
+    assert set(exported) == set(initial)
+    # Frozen weights are bit-identical; adapted projections moved by the merged low-rank update.
+    torch.testing.assert_close(exported["layers.0.fc1.weight"], initial["layers.0.fc1.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(exported["layers.0.self_attn.k_proj.weight"], initial["layers.0.self_attn.k_proj.weight"], rtol=0, atol=0)
+    delta = exported["layers.0.self_attn.q_proj.weight"] - initial["layers.0.self_attn.q_proj.weight"]
+    assert delta.abs().max() > 1e-4
+    assert torch.linalg.matrix_rank(delta).item() <= 4
