@@ -125,3 +125,18 @@ def test_lora_trains_only_adapters_and_exports_merged_weights(tmp_path):
     delta = exported["layers.0.self_attn.q_proj.weight"] - initial["layers.0.self_attn.q_proj.weight"]
     assert delta.abs().max() > 1e-4
     assert torch.linalg.matrix_rank(delta).item() <= 4
+
+
+def test_deepspeed_checkpoint_loads_back(tmp_path):
+    cfg = load_config("demo_tiny", tiny_overrides(tmp_path, **{"train.max_steps": 6, "train.save_steps": 3}))
+    Trainer(cfg).train()
+    exported = LucaGPLM.from_pretrained(tmp_path / "run" / "last").state_dict()
+
+    fresh = Trainer(load_config("demo_tiny", tiny_overrides(tmp_path / "fresh", **{"train.seed": 99})))
+    before = fresh.engine.full_state_dict(fresh.model)
+    assert not torch.equal(before["embed_tokens.weight"], exported["embed_tokens.weight"])
+    client_state = fresh.engine.load(tmp_path / "run" / "checkpoints", "step-6")
+    assert client_state["trainer"]["global_step"] == 6
+    loaded = fresh.engine.full_state_dict(fresh.model)
+    for name, value in exported.items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
