@@ -58,6 +58,8 @@ def _prot_table() -> np.ndarray:
 
 # Index with GENE or PROT. -1 marks a byte that is not a valid residue for that molecule.
 LOOKUP_TABLES = (_gene_table(), _prot_table())
+# Both tables end to end, to look up a whole micro-batch at once: index obj_type * 256 + byte.
+LOOKUP_FLAT = np.concatenate(LOOKUP_TABLES)
 
 
 def residue_ids(seq: str, obj_type: int) -> np.ndarray:

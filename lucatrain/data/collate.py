@@ -1,7 +1,7 @@
 """Tokenize, mask and pad a micro-batch of records into tensors.
 
 Masking randomness is *counter-based*: every random number is a hash of
-(seed, epoch, sample_id, position, stream). A sample therefore gets the same mask whichever
+(seed, epoch, sample_id, position). A sample therefore gets the same mask whichever
 micro-batch, worker, rank or world size it lands in, and a resumed run re-creates exactly the masks
 an uninterrupted run would have drawn, without any RNG state to carry.
 """
@@ -15,8 +15,6 @@ import torch
 
 from lucatrain.data import alphabet
 
-# Streams separate the independent random draws made for one (sample, position).
-_STREAM_SELECT, _STREAM_ACTION, _STREAM_REPLACEMENT = 1, 2, 3
 # The epoch value used for dev/test masks, so evaluation masks never change between evaluations.
 EVAL_EPOCH = 0xFFFF_FFFF
 
@@ -24,12 +22,17 @@ _U64 = np.uint64
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser: a bijective 64-bit mix, vectorised (uint64 arithmetic wraps by design)."""
-    x = x ^ (x >> _U64(30))
-    x = x * _U64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> _U64(27))
-    x = x * _U64(0x94D049BB133111EB)
-    return x ^ (x >> _U64(31))
+    """SplitMix64 finaliser: a bijective 64-bit mix, vectorised (uint64 arithmetic wraps by design).
+
+    Works in place on a copy of `x` (hashing is the collate's largest cost; temporaries add ~40%).
+    """
+    x = np.array(x, dtype=_U64, copy=True)
+    x ^= x >> _U64(30)
+    x *= _U64(0xBF58476D1CE4E5B9)
+    x ^= x >> _U64(27)
+    x *= _U64(0x94D049BB133111EB)
+    x ^= x >> _U64(31)
+    return x
 
 
 def sample_keys(seed: int, epoch: int, sample_ids: np.ndarray) -> np.ndarray:
@@ -39,12 +42,29 @@ def sample_keys(seed: int, epoch: int, sample_ids: np.ndarray) -> np.ndarray:
     return _splitmix64(base ^ np.asarray(sample_ids, dtype=np.int64).astype(_U64))
 
 
-def uniform(keys: np.ndarray, length: int, stream: int) -> np.ndarray:
-    """(B, length) floats in [0, 1): draw `stream` at positions 0..length-1 of each keyed sample."""
-    positions = np.arange(length, dtype=_U64) * _U64(4) + _U64(stream)
+# One 64-bit hash per (sample, position) is cut into three independent 21-bit fields: whether the
+# residue is selected, what happens to it ([MASK] / random / kept), and which random residue.
+# 1/2**21 resolution is far finer than any masking probability needs.
+FIELD_BITS = 21
+FIELD_SELECT, FIELD_ACTION, FIELD_REPLACEMENT = 43, 22, 1  # bit offsets
+_FIELD_MASK = _U64((1 << FIELD_BITS) - 1)
+
+
+def position_hash(keys: np.ndarray, length: int) -> np.ndarray:
+    """(B, length) uint64 hashes of positions 0..length-1 of each keyed sample."""
+    positions = np.arange(length, dtype=_U64) * _U64(0x9E3779B97F4A7C15)
     with np.errstate(over="ignore"):
-        mixed = _splitmix64(keys[:, None] + positions[None, :] * _U64(0x9E3779B97F4A7C15))
-    return (mixed >> _U64(11)).astype(np.float64) * (1.0 / (1 << 53))
+        return _splitmix64(keys[:, None] + positions[None, :])
+
+
+def hash_field(hashes: np.ndarray, offset: int) -> np.ndarray:
+    """The 21-bit field at `offset` as int64 in [0, 2**21)."""
+    return ((hashes >> _U64(offset)) & _FIELD_MASK).astype(np.int64)
+
+
+def _threshold(probability: float) -> int:
+    """A field value below this has the given probability."""
+    return int(round(probability * (1 << FIELD_BITS)))
 
 
 @dataclass(frozen=True)
@@ -60,36 +80,41 @@ def mask_tokens(
     """BERT-style masking of residue positions, in place on a copy.
 
     input_ids, token_types, residue_mask: (B, L); residue_mask is True on residues (not CLS/SEP/PAD).
-    Selects round(mask_prob * n) residues per sequence (at least one), then of those replaces
+    Selects each residue with probability mask_prob (at least one per sequence), then of those replaces
     mask_token_prob with [MASK], random_token_prob with a random residue *of the same molecule*, and
     keeps the rest. Returns (masked_ids, labels) with labels = original id on selected positions and
     IGNORE_INDEX elsewhere.
     """
-    batch, length = input_ids.shape
-    with np.errstate(over="ignore"):
-        select_u = uniform(keys, length, _STREAM_SELECT)
-        action_u = uniform(keys, length, _STREAM_ACTION)
-        replace_u = uniform(keys, length, _STREAM_REPLACEMENT)
+    hashes = position_hash(keys, input_ids.shape[1])  # (B, L)
 
-    # Rank residues by their draw; the k smallest are selected (k exact, so statistics are tight).
-    select_u[~residue_mask] = np.inf
-    rank = np.argsort(np.argsort(select_u, axis=1, kind="stable"), axis=1, kind="stable")
-    n_residues = residue_mask.sum(axis=1)
-    n_select = np.maximum(1, np.rint(cfg.mask_prob * n_residues)).astype(np.int64)
-    n_select = np.minimum(n_select, n_residues)  # a record always has >= 1 residue
-    selected = (rank < n_select[:, None]) & residue_mask
+    # Selection: a residue whose select field falls under the threshold. Integer compares on the
+    # hash, no floats and no sorting: this is the only pass over every position.
+    select_field = np.where(residue_mask, hash_field(hashes, FIELD_SELECT), 1 << FIELD_BITS)
+    selected = select_field < _threshold(cfg.mask_prob)
+    empty = ~selected.any(axis=1)
+    if empty.any():  # a sequence with no selected residue gets its lowest draw
+        rows = np.flatnonzero(empty)
+        selected[rows, np.argmin(select_field[rows], axis=1)] = True
 
     labels = np.where(selected, input_ids, alphabet.IGNORE_INDEX)
     masked = input_ids.copy()
-    to_mask = selected & (action_u < cfg.mask_token_prob)
-    to_random = selected & (action_u >= cfg.mask_token_prob) & (action_u < cfg.mask_token_prob + cfg.random_token_prob)
-    masked[to_mask] = alphabet.MASK_ID
+    # What happens to each selected residue: only ~15% of positions from here on.
+    flat = np.flatnonzero(selected)  # flat (row-major) indices of the selected positions
+    chosen = hashes.reshape(-1)[flat]
+    action = hash_field(chosen, FIELD_ACTION)
+    mask_cut = _threshold(cfg.mask_token_prob)
+    to_mask = action < mask_cut
+    to_random = (action >= mask_cut) & (action < mask_cut + _threshold(cfg.random_token_prob))
+    masked_flat = masked.reshape(-1)  # a view: writes land in `masked`
+    masked_flat[flat[to_mask]] = alphabet.MASK_ID
 
     # Random replacements come from the molecule's own canonical residues only.
-    is_gene = token_types == alphabet.GENE
-    gene_pick = alphabet.GENE_RANDOM_IDS[(replace_u * len(alphabet.GENE_RANDOM_IDS)).astype(np.int64)]
-    prot_pick = alphabet.PROT_RANDOM_IDS[(replace_u * len(alphabet.PROT_RANDOM_IDS)).astype(np.int64)]
-    masked[to_random] = np.where(is_gene, gene_pick, prot_pick)[to_random]
+    random_at = flat[to_random]
+    pick = hash_field(chosen[to_random], FIELD_REPLACEMENT)
+    is_gene = token_types.reshape(-1)[random_at] == alphabet.GENE
+    gene_choice = alphabet.GENE_RANDOM_IDS[(pick * len(alphabet.GENE_RANDOM_IDS)) >> FIELD_BITS]
+    prot_choice = alphabet.PROT_RANDOM_IDS[(pick * len(alphabet.PROT_RANDOM_IDS)) >> FIELD_BITS]
+    masked_flat[random_at] = np.where(is_gene, gene_choice, prot_choice)
     return masked, labels
 
 
@@ -109,33 +134,49 @@ class Collator:
         self.seed = seed
 
     def __call__(self, rows: dict, epoch: int) -> dict[str, torch.Tensor]:
-        encoded = [
-            alphabet.encode(seq, obj_type, self.max_length, self.truncation)
-            for seq, obj_type in zip(rows["seq"], rows["obj_type"])
-        ]
-        lengths = np.array([len(e) for e in encoded], dtype=np.int64)
-        batch, width = len(encoded), int(lengths.max())
-        input_ids = np.full((batch, width), alphabet.PAD_ID, dtype=np.int64)
-        for i, ids in enumerate(encoded):
-            input_ids[i, : len(ids)] = ids
+        obj_types = np.asarray(rows["obj_type"], dtype=np.int64)
+        sample_ids = np.asarray(rows["sample_id"], dtype=np.int64)
+        residues = [self._truncate(seq) for seq in rows["seq"]]
+        n_residues = np.array([len(seq) for seq in residues], dtype=np.int64)
+        lengths = n_residues + 2  # [CLS] ... [SEP]
+        batch, width = len(residues), int(lengths.max())
+
+        # Tokenize the whole micro-batch with one table lookup: all residues joined into one byte
+        # string, each byte looked up in its molecule's table.
+        joined = np.frombuffer("".join(residues).encode("ascii", errors="replace"), dtype=np.uint8)
+        table_offset = np.repeat(obj_types * 256, n_residues)  # row of LOOKUP_FLAT per byte
+        table_offset += joined
+        ids = alphabet.LOOKUP_FLAT.take(table_offset)
+        if ids.size and ids.min() < 0:
+            bad_row = int(np.searchsorted(np.cumsum(n_residues), np.flatnonzero(ids < 0)[0], side="right"))
+            alphabet.residue_ids(residues[bad_row], int(obj_types[bad_row]))  # raises, naming the letter
+
         positions = np.arange(width)[None, :]
         attention_mask = positions < lengths[:, None]
-        obj_types = np.asarray(rows["obj_type"], dtype=np.int64)
+        residue_mask = (positions >= 1) & (positions < lengths[:, None] - 1)
+        input_ids = np.zeros((batch, width), dtype=np.int64)  # [PAD] is 0
+        input_ids[:, 0] = alphabet.CLS_ID
+        input_ids[residue_mask] = ids  # row-major order = concatenation order
+        input_ids[np.arange(batch), lengths - 1] = alphabet.SEP_ID
         token_types = np.where(attention_mask, obj_types[:, None], 0)
-        sample_ids = np.asarray(rows["sample_id"], dtype=np.int64)
 
         out = {
             "token_type_ids": torch.from_numpy(token_types),
             "attention_mask": torch.from_numpy(attention_mask.astype(np.int64)),
             "sample_ids": torch.from_numpy(sample_ids),
-            "num_tokens": torch.tensor(int(lengths.sum())),
+            "num_tokens": torch.from_numpy(np.asarray(lengths.sum())),
         }
         if self.masking is None:
             out["input_ids"] = torch.from_numpy(input_ids)
             return out
-        residue_mask = (positions >= 1) & (positions < lengths[:, None] - 1)
         keys = sample_keys(self.seed, epoch, sample_ids)
         masked, labels = mask_tokens(input_ids, token_types, residue_mask, keys, self.masking)
         out["input_ids"] = torch.from_numpy(masked)
         out["labels"] = torch.from_numpy(labels)
         return out
+
+    def _truncate(self, seq: str) -> str:
+        keep = self.max_length - 2
+        if len(seq) <= keep:
+            return seq
+        return seq[:keep] if self.truncation == "right" else seq[len(seq) - keep :]
