@@ -7,12 +7,12 @@ from lucatrain.data.collate import (
     FIELD_ACTION,
     FIELD_BITS,
     FIELD_REPLACEMENT,
-    FIELD_SELECT,
     Collator,
     MaskingConfig,
     hash_field,
     position_hash,
     sample_keys,
+    select_hash,
 )
 
 GENE_IDS = set(alphabet.GENE_RANDOM_IDS.tolist())
@@ -92,17 +92,21 @@ def test_masks_depend_on_sample_not_on_batch_composition():
     assert not torch.equal(other_seed(data, epoch=2)["labels"], together["labels"])
 
 
-def test_uniform_is_uniform():
-    hashes = position_hash(sample_keys(0, 0, np.arange(1000)), 100)
-    fields = [hash_field(hashes, offset) / 2**FIELD_BITS for offset in (FIELD_SELECT, FIELD_ACTION, FIELD_REPLACEMENT)]
-    for u in fields:
-        assert u.shape == (1000, 100)
+def test_hash_draws_are_uniform_and_independent():
+    keys = sample_keys(0, 0, np.arange(1000))
+    select = select_hash(keys, 100) / 2**32
+    rows, cols = np.divmod(np.arange(1000 * 100), 100)
+    hashes = position_hash(keys, rows, cols)
+    action = hash_field(hashes, FIELD_ACTION) / 2**FIELD_BITS
+    replacement = hash_field(hashes, FIELD_REPLACEMENT) / 2**FIELD_BITS
+    for u in (select.ravel(), action, replacement):
         assert u.min() >= 0 and u.max() < 1
         assert abs(u.mean() - 0.5) < 0.005
         assert abs((u < 0.1).mean() - 0.1) < 0.005
-    # The three fields are independent of each other.
-    joint = ((fields[0] < 0.15) & (fields[1] < 0.8)).mean()
+    joint = ((select.ravel() < 0.15) & (action < 0.8)).mean()
     assert abs(joint - 0.15 * 0.8) < 0.004
+    joint = ((action < 0.8) & (replacement < 0.25)).mean()
+    assert abs(joint - 0.8 * 0.25) < 0.004
 
 
 def test_invalid_residue_in_collate_raises():

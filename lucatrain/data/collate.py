@@ -8,6 +8,7 @@ an uninterrupted run would have drawn, without any RNG state to carry.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,10 +23,7 @@ _U64 = np.uint64
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser: a bijective 64-bit mix, vectorised (uint64 arithmetic wraps by design).
-
-    Works in place on a copy of `x` (hashing is the collate's largest cost; temporaries add ~40%).
-    """
+    """SplitMix64 finaliser: a bijective 64-bit mix, vectorised (uint64 arithmetic wraps by design)."""
     x = np.array(x, dtype=_U64, copy=True)
     x ^= x >> _U64(30)
     x *= _U64(0xBF58476D1CE4E5B9)
@@ -35,26 +33,46 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x
 
 
+@functools.lru_cache(maxsize=64)
+def _epoch_base(seed: int, epoch: int) -> int:
+    base = _splitmix64(np.array([seed & 0xFFFF_FFFF_FFFF_FFFF], dtype=_U64))
+    return int(_splitmix64(base ^ np.array([epoch], dtype=_U64))[0])
+
+
 def sample_keys(seed: int, epoch: int, sample_ids: np.ndarray) -> np.ndarray:
     """One 64-bit key per sample, from (seed, epoch, sample_id)."""
-    base = _splitmix64(np.array([seed & 0xFFFF_FFFF_FFFF_FFFF], dtype=_U64))
-    base = _splitmix64(base ^ np.array([epoch], dtype=_U64))
-    return _splitmix64(base ^ np.asarray(sample_ids, dtype=np.int64).astype(_U64))
+    return _splitmix64(_U64(_epoch_base(seed, epoch)) ^ np.asarray(sample_ids, dtype=np.int64).astype(_U64))
 
 
-# One 64-bit hash per (sample, position) is cut into three independent 21-bit fields: whether the
-# residue is selected, what happens to it ([MASK] / random / kept), and which random residue.
-# 1/2**21 resolution is far finer than any masking probability needs.
+def select_hash(keys: np.ndarray, length: int) -> np.ndarray:
+    """(B, length) uint32 hashes deciding selection: MurmurHash3's 32-bit finaliser.
+
+    Selection is the only decision made at every position, so it gets a 32-bit hash (numpy
+    vectorises 32-bit multiplies, not 64-bit ones); the few selected positions then get the 64-bit
+    hash for their other decisions.
+    """
+    positions = np.arange(length, dtype=np.uint32) * np.uint32(0x9E3779B9)
+    x = (keys >> _U64(32)).astype(np.uint32)[:, None] + positions[None, :]
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x85EBCA6B)
+    x ^= x >> np.uint32(13)
+    x *= np.uint32(0xC2B2AE35)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+# A selected position's 64-bit hash is cut into two independent 21-bit fields: what happens to it
+# ([MASK] / random / kept) and which random residue. 1/2**21 resolution is far finer than any
+# masking probability needs.
 FIELD_BITS = 21
-FIELD_SELECT, FIELD_ACTION, FIELD_REPLACEMENT = 43, 22, 1  # bit offsets
+FIELD_ACTION, FIELD_REPLACEMENT = 22, 1  # bit offsets
 _FIELD_MASK = _U64((1 << FIELD_BITS) - 1)
 
 
-def position_hash(keys: np.ndarray, length: int) -> np.ndarray:
-    """(B, length) uint64 hashes of positions 0..length-1 of each keyed sample."""
-    positions = np.arange(length, dtype=_U64) * _U64(0x9E3779B97F4A7C15)
+def position_hash(keys: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """64-bit hashes of positions `cols` of the samples keyed by `keys[rows]`."""
     with np.errstate(over="ignore"):
-        return _splitmix64(keys[:, None] + positions[None, :])
+        return _splitmix64(keys[rows] + cols.astype(_U64) * _U64(0x9E3779B97F4A7C15))
 
 
 def hash_field(hashes: np.ndarray, offset: int) -> np.ndarray:
@@ -85,22 +103,24 @@ def mask_tokens(
     keeps the rest. Returns (masked_ids, labels) with labels = original id on selected positions and
     IGNORE_INDEX elsewhere.
     """
-    hashes = position_hash(keys, input_ids.shape[1])  # (B, L)
-
-    # Selection: a residue whose select field falls under the threshold. Integer compares on the
-    # hash, no floats and no sorting: this is the only pass over every position.
-    select_field = np.where(residue_mask, hash_field(hashes, FIELD_SELECT), 1 << FIELD_BITS)
-    selected = select_field < _threshold(cfg.mask_prob)
+    # Selection is decided for every position from a 32-bit hash (the hot loop: each line below is
+    # one numpy pass over B x L); the ~15% selected positions then get a 64-bit hash whose fields
+    # decide [MASK] / random / kept and which random residue.
+    select_draw = select_hash(keys, input_ids.shape[1])  # (B, L) uint32
+    selected = select_draw < np.uint32(min(int(cfg.mask_prob * 2**32), 2**32 - 1))
+    selected &= residue_mask
     empty = ~selected.any(axis=1)
     if empty.any():  # a sequence with no selected residue gets its lowest draw
         rows = np.flatnonzero(empty)
-        selected[rows, np.argmin(select_field[rows], axis=1)] = True
+        draws = np.where(residue_mask[rows], select_draw[rows], np.uint32(2**32 - 1))
+        selected[rows, np.argmin(draws, axis=1)] = True
 
-    labels = np.where(selected, input_ids, alphabet.IGNORE_INDEX)
-    masked = input_ids.copy()
-    # What happens to each selected residue: only ~15% of positions from here on.
     flat = np.flatnonzero(selected)  # flat (row-major) indices of the selected positions
-    chosen = hashes.reshape(-1)[flat]
+    labels = np.full(input_ids.shape, alphabet.IGNORE_INDEX, dtype=np.int64)
+    labels.reshape(-1)[flat] = input_ids.reshape(-1)[flat]
+    masked = input_ids.copy()
+    rows, cols = np.divmod(flat, input_ids.shape[1])
+    chosen = position_hash(keys, rows, cols)  # (N,) 64-bit hashes of the selected positions
     action = hash_field(chosen, FIELD_ACTION)
     mask_cut = _threshold(cfg.mask_token_prob)
     to_mask = action < mask_cut
@@ -153,12 +173,14 @@ class Collator:
 
         positions = np.arange(width)[None, :]
         attention_mask = positions < lengths[:, None]
-        residue_mask = (positions >= 1) & (positions < lengths[:, None] - 1)
+        residue_mask = attention_mask.copy()  # minus [CLS] and [SEP]
+        residue_mask[:, 0] = False
+        residue_mask[np.arange(batch), lengths - 1] = False
         input_ids = np.zeros((batch, width), dtype=np.int64)  # [PAD] is 0
         input_ids[:, 0] = alphabet.CLS_ID
         input_ids[residue_mask] = ids  # row-major order = concatenation order
         input_ids[np.arange(batch), lengths - 1] = alphabet.SEP_ID
-        token_types = np.where(attention_mask, obj_types[:, None], 0)
+        token_types = attention_mask * obj_types[:, None]  # 0 on padding
 
         out = {
             "token_type_ids": torch.from_numpy(token_types),
