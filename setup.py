@@ -21,6 +21,7 @@ setup(
         "datasets>=2.19",
         "pyarrow>=14",
         "numpy>=1.24",
+        "numba>=0.59",
         "biopython>=1.80",
         "safetensors>=0.4",
         "peft>=0.10",

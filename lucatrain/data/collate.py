@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 
@@ -44,40 +45,13 @@ def sample_keys(seed: int, epoch: int, sample_ids: np.ndarray) -> np.ndarray:
     return _splitmix64(_U64(_epoch_base(seed, epoch)) ^ np.asarray(sample_ids, dtype=np.int64).astype(_U64))
 
 
-def select_hash(keys: np.ndarray, length: int) -> np.ndarray:
-    """(B, length) uint32 hashes deciding selection: MurmurHash3's 32-bit finaliser.
-
-    Selection is the only decision made at every position, so it gets a 32-bit hash (numpy
-    vectorises 32-bit multiplies, not 64-bit ones); the few selected positions then get the 64-bit
-    hash for their other decisions.
-    """
-    positions = np.arange(length, dtype=np.uint32) * np.uint32(0x9E3779B9)
-    x = (keys >> _U64(32)).astype(np.uint32)[:, None] + positions[None, :]
-    x ^= x >> np.uint32(16)
-    x *= np.uint32(0x85EBCA6B)
-    x ^= x >> np.uint32(13)
-    x *= np.uint32(0xC2B2AE35)
-    x ^= x >> np.uint32(16)
-    return x
-
-
-# A selected position's 64-bit hash is cut into two independent 21-bit fields: what happens to it
-# ([MASK] / random / kept) and which random residue. 1/2**21 resolution is far finer than any
-# masking probability needs.
+# Every residue position draws a 32-bit hash (MurmurHash3's finaliser) that decides whether it is
+# selected. A selected position's 64-bit hash (SplitMix64) is cut into two independent 21-bit
+# fields: what happens to it ([MASK] / random / kept) and which random residue. 1/2**21 resolution
+# is far finer than any masking probability needs.
 FIELD_BITS = 21
 FIELD_ACTION, FIELD_REPLACEMENT = 22, 1  # bit offsets
 _FIELD_MASK = _U64((1 << FIELD_BITS) - 1)
-
-
-def position_hash(keys: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """64-bit hashes of positions `cols` of the samples keyed by `keys[rows]`."""
-    with np.errstate(over="ignore"):
-        return _splitmix64(keys[rows] + cols.astype(_U64) * _U64(0x9E3779B97F4A7C15))
-
-
-def hash_field(hashes: np.ndarray, offset: int) -> np.ndarray:
-    """The 21-bit field at `offset` as int64 in [0, 2**21)."""
-    return ((hashes >> _U64(offset)) & _FIELD_MASK).astype(np.int64)
 
 
 def _threshold(probability: float) -> int:
@@ -92,50 +66,71 @@ class MaskingConfig:
     random_token_prob: float = 0.1
 
 
-def mask_tokens(
-    input_ids: np.ndarray, token_types: np.ndarray, residue_mask: np.ndarray, keys: np.ndarray, cfg: MaskingConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """BERT-style masking of residue positions, in place on a copy.
+_GOLDEN32 = 0x9E3779B9
+_GOLDEN64 = 0x9E3779B97F4A7C15
 
-    input_ids, token_types, residue_mask: (B, L); residue_mask is True on residues (not CLS/SEP/PAD).
-    Selects each residue with probability mask_prob (at least one per sequence), then of those replaces
-    mask_token_prob with [MASK], random_token_prob with a random residue *of the same molecule*, and
-    keeps the rest. Returns (masked_ids, labels) with labels = original id on selected positions and
-    IGNORE_INDEX elsewhere.
+
+@numba.njit(cache=True, nogil=True)
+def _collate_kernel(joined, starts, n_residues, obj_types, keys, lookup, do_mask, select_below, mask_cut, random_cut,
+                    gene_ids, prot_ids, input_ids, labels, token_types, attention_mask):  # fmt: skip
+    """Tokenize, pad and mask a micro-batch in one pass over its residues (compiled by numba).
+
+    Fills the preallocated (B, W) outputs (input_ids zeros, labels IGNORE_INDEX, the rest zeros).
+    Returns -1, or the index into `joined` of the first byte that is not a valid residue.
     """
-    # Selection is decided for every position from a 32-bit hash (the hot loop: each line below is
-    # one numpy pass over B x L); the ~15% selected positions then get a 64-bit hash whose fields
-    # decide [MASK] / random / kept and which random residue.
-    select_draw = select_hash(keys, input_ids.shape[1])  # (B, L) uint32
-    selected = select_draw < np.uint32(min(int(cfg.mask_prob * 2**32), 2**32 - 1))
-    selected &= residue_mask
-    empty = ~selected.any(axis=1)
-    if empty.any():  # a sequence with no selected residue gets its lowest draw
-        rows = np.flatnonzero(empty)
-        draws = np.where(residue_mask[rows], select_draw[rows], np.uint32(2**32 - 1))
-        selected[rows, np.argmin(draws, axis=1)] = True
+    u64 = np.uint64
+    low32, low21 = u64(0xFFFFFFFF), u64((1 << FIELD_BITS) - 1)
+    for i in range(len(n_residues)):
+        n, kind, key = n_residues[i], obj_types[i], u64(keys[i])
+        last = n + 1
+        for col in range(last + 1):
+            attention_mask[i, col] = 1
+            token_types[i, col] = kind
+        input_ids[i, 0] = alphabet.CLS_ID
+        input_ids[i, last] = alphabet.SEP_ID
+        for col in range(1, last):
+            token = lookup[kind * 256 + joined[starts[i] + col - 1]]
+            if token < 0:
+                return starts[i] + col - 1
+            input_ids[i, col] = token
+        if not do_mask or n == 0:
+            continue
 
-    flat = np.flatnonzero(selected)  # flat (row-major) indices of the selected positions
-    labels = np.full(input_ids.shape, alphabet.IGNORE_INDEX, dtype=np.int64)
-    labels.reshape(-1)[flat] = input_ids.reshape(-1)[flat]
-    masked = input_ids.copy()
-    rows, cols = np.divmod(flat, input_ids.shape[1])
-    chosen = position_hash(keys, rows, cols)  # (N,) 64-bit hashes of the selected positions
-    action = hash_field(chosen, FIELD_ACTION)
-    mask_cut = _threshold(cfg.mask_token_prob)
-    to_mask = action < mask_cut
-    to_random = (action >= mask_cut) & (action < mask_cut + _threshold(cfg.random_token_prob))
-    masked_flat = masked.reshape(-1)  # a view: writes land in `masked`
-    masked_flat[flat[to_mask]] = alphabet.MASK_ID
-
-    # Random replacements come from the molecule's own canonical residues only.
-    random_at = flat[to_random]
-    pick = hash_field(chosen[to_random], FIELD_REPLACEMENT)
-    is_gene = token_types.reshape(-1)[random_at] == alphabet.GENE
-    gene_choice = alphabet.GENE_RANDOM_IDS[(pick * len(alphabet.GENE_RANDOM_IDS)) >> FIELD_BITS]
-    prot_choice = alphabet.PROT_RANDOM_IDS[(pick * len(alphabet.PROT_RANDOM_IDS)) >> FIELD_BITS]
-    masked_flat[random_at] = np.where(is_gene, gene_choice, prot_choice)
-    return masked, labels
+        key_high = key >> u64(32)
+        selected_any, lowest, lowest_col = False, u64(0xFFFFFFFF), 1
+        for col in range(1, last + 1):
+            is_fallback = col == last  # after the residues: select the lowest draw if none was selected
+            if is_fallback:
+                if selected_any:
+                    break
+                target = lowest_col
+            else:
+                draw = (key_high + u64(col) * u64(_GOLDEN32)) & low32  # MurmurHash3 fmix32
+                draw ^= draw >> u64(16)
+                draw = (draw * u64(0x85EBCA6B)) & low32
+                draw ^= draw >> u64(13)
+                draw = (draw * u64(0xC2B2AE35)) & low32
+                draw ^= draw >> u64(16)
+                if draw < lowest:
+                    lowest, lowest_col = draw, col
+                if draw >= select_below:
+                    continue
+                selected_any = True
+                target = col
+            # The selected residue: keep its label, then [MASK] / random residue / unchanged.
+            labels[i, target] = input_ids[i, target]
+            h = key + u64(target) * u64(_GOLDEN64)  # SplitMix64
+            h = (h ^ (h >> u64(30))) * u64(0xBF58476D1CE4E5B9)
+            h = (h ^ (h >> u64(27))) * u64(0x94D049BB133111EB)
+            h ^= h >> u64(31)
+            action = (h >> u64(FIELD_ACTION)) & low21
+            if action < mask_cut:
+                input_ids[i, target] = alphabet.MASK_ID
+            elif action < mask_cut + random_cut:
+                pick = (h >> u64(FIELD_REPLACEMENT)) & low21
+                choices = gene_ids if kind == alphabet.GENE else prot_ids
+                input_ids[i, target] = choices[(pick * u64(len(choices))) >> u64(FIELD_BITS)]
+    return -1
 
 
 class Collator:
@@ -158,43 +153,35 @@ class Collator:
         sample_ids = np.asarray(rows["sample_id"], dtype=np.int64)
         residues = [self._truncate(seq) for seq in rows["seq"]]
         n_residues = np.array([len(seq) for seq in residues], dtype=np.int64)
-        lengths = n_residues + 2  # [CLS] ... [SEP]
-        batch, width = len(residues), int(lengths.max())
-
-        # Tokenize the whole micro-batch with one table lookup: all residues joined into one byte
-        # string, each byte looked up in its molecule's table.
+        starts = np.zeros_like(n_residues)
+        np.cumsum(n_residues[:-1], out=starts[1:])
         joined = np.frombuffer("".join(residues).encode("ascii", errors="replace"), dtype=np.uint8)
-        table_offset = np.repeat(obj_types * 256, n_residues)  # row of LOOKUP_FLAT per byte
-        table_offset += joined
-        ids = alphabet.LOOKUP_FLAT.take(table_offset)
-        if ids.size and ids.min() < 0:
-            bad_row = int(np.searchsorted(np.cumsum(n_residues), np.flatnonzero(ids < 0)[0], side="right"))
-            alphabet.residue_ids(residues[bad_row], int(obj_types[bad_row]))  # raises, naming the letter
+        batch, width = len(residues), int(n_residues.max()) + 2
 
-        positions = np.arange(width)[None, :]
-        attention_mask = positions < lengths[:, None]
-        residue_mask = attention_mask.copy()  # minus [CLS] and [SEP]
-        residue_mask[:, 0] = False
-        residue_mask[np.arange(batch), lengths - 1] = False
         input_ids = np.zeros((batch, width), dtype=np.int64)  # [PAD] is 0
-        input_ids[:, 0] = alphabet.CLS_ID
-        input_ids[residue_mask] = ids  # row-major order = concatenation order
-        input_ids[np.arange(batch), lengths - 1] = alphabet.SEP_ID
-        token_types = attention_mask * obj_types[:, None]  # 0 on padding
+        labels = np.full((batch, width), alphabet.IGNORE_INDEX, dtype=np.int64)
+        token_types = np.zeros((batch, width), dtype=np.int64)
+        attention_mask = np.zeros((batch, width), dtype=np.int64)
+        m = self.masking or MaskingConfig()
+        bad = _collate_kernel(
+            joined, starts, n_residues, obj_types, sample_keys(self.seed, epoch, sample_ids), alphabet.LOOKUP_FLAT,
+            self.masking is not None, np.uint64(min(int(m.mask_prob * 2**32), 2**32 - 1)),
+            np.uint64(_threshold(m.mask_token_prob)), np.uint64(_threshold(m.random_token_prob)),
+            alphabet.GENE_RANDOM_IDS, alphabet.PROT_RANDOM_IDS, input_ids, labels, token_types, attention_mask,
+        )  # fmt: skip
+        if bad >= 0:
+            row = int(np.searchsorted(starts, bad, side="right")) - 1
+            alphabet.residue_ids(residues[row], int(obj_types[row]))  # raises, naming the letter
 
         out = {
+            "input_ids": torch.from_numpy(input_ids),
             "token_type_ids": torch.from_numpy(token_types),
-            "attention_mask": torch.from_numpy(attention_mask.astype(np.int64)),
+            "attention_mask": torch.from_numpy(attention_mask),
             "sample_ids": torch.from_numpy(sample_ids),
-            "num_tokens": torch.from_numpy(np.asarray(lengths.sum())),
+            "num_tokens": torch.from_numpy(np.asarray(n_residues.sum() + 2 * batch)),
         }
-        if self.masking is None:
-            out["input_ids"] = torch.from_numpy(input_ids)
-            return out
-        keys = sample_keys(self.seed, epoch, sample_ids)
-        masked, labels = mask_tokens(input_ids, token_types, residue_mask, keys, self.masking)
-        out["input_ids"] = torch.from_numpy(masked)
-        out["labels"] = torch.from_numpy(labels)
+        if self.masking is not None:
+            out["labels"] = torch.from_numpy(labels)
         return out
 
     def _truncate(self, seq: str) -> str:
