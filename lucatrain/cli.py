@@ -3,6 +3,7 @@
     lucatrain prepare INPUT... --out DIR     files -> prepared, memory-mapped dataset
     lucatrain train --config RECIPE [section.key=value ...]
     lucatrain demo [section.key=value ...]  tiny real pretraining on the shipped sample data
+    lucatrain audit RUN_DIR [--compare RUN_DIR2]   what the progress ledger says was trained on
 
 Launch several processes with any launcher, e.g.
     deepspeed --num_gpus 2 $(command -v lucatrain) train --config lucavirus_v1.0 ...
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--fasta-obj-type", default="auto", choices=("auto", "gene", "prot"))
     prep.add_argument("--bad-records", default="fail", choices=("fail", "skip"))
 
+    aud = verbs.add_parser("audit", help="report from a run's progress ledger: consumption, duplicates, unseen ids")
+    aud.add_argument("run_dir", help="a run directory (its latest complete checkpoint is read) or a checkpoint directory")
+    aud.add_argument("--compare", default=None, help="another run: did both consume the same ids in the same order?")
+
     for name, help_text in (("train", "pretrain"), ("demo", "tiny real pretraining on the shipped sample")):
         sub = verbs.add_parser(name, help=help_text)
         sub.add_argument("--config", default="demo_tiny" if name == "demo" else None,
@@ -52,6 +57,54 @@ def _prepare(args) -> int:
     data = prepare(args.inputs, args.out, fmt=args.format, fasta_obj_type=args.fasta_obj_type, bad_records=args.bad_records)
     print(f"prepared {data.num_records} records into {data.path} (fingerprint {data.fingerprint[:16]})")
     return 0
+
+
+def _ledger_of(run_or_checkpoint: str):
+    from lucatrain.checkpoint import find_resume_checkpoint, read_valid_manifest
+    from lucatrain.progress import Ledger
+
+    path = Path(run_or_checkpoint)
+    if read_valid_manifest(path) is None:
+        path = find_resume_checkpoint(path / "checkpoints", "latest")
+    return path, Ledger.load(path / "ledger")
+
+
+def _audit(args) -> int:
+    import json
+
+    import numpy as np
+
+    from lucatrain.data.prepared import is_prepared, load_prepared
+    from lucatrain.progress import audit
+
+    path, ledger = _ledger_of(args.run_dir)
+    state = json.loads((path / "trainer_state.json").read_text())
+    all_ids = None
+    if is_prepared(state.get("train_data", "")):
+        all_ids = load_prepared(state["train_data"]).sample_ids
+    report = audit(ledger, all_ids)
+    print(f"checkpoint {path}: step {state['global_step']}, {ledger.samples_seen} samples, {ledger.tokens_seen} tokens")
+    duplicated = False
+    for epoch, entry in report.items():
+        line = f"epoch {epoch}: consumed {entry['consumed']}, unique {entry['unique']}, duplicates {entry['num_duplicates']}"
+        if "never_seen" in entry:
+            line += f", never seen {entry['never_seen']} of {len(all_ids)}"
+        print(line)
+        if entry["num_duplicates"]:
+            duplicated = True
+            print(f"  duplicated ids (first {len(entry['duplicates'])}): {entry['duplicates']}")
+    if args.compare:
+        other_path, other = _ledger_of(args.compare)
+        epochs = sorted(set(ledger.epoch_ids) | set(other.epoch_ids))
+        for epoch in epochs:
+            mine, theirs = ledger.consumed_ids(epoch), other.consumed_ids(epoch)
+            n = min(len(mine), len(theirs))
+            diverge = np.flatnonzero(mine[:n] != theirs[:n])
+            if len(diverge):
+                print(f"epoch {epoch}: runs diverge at position {int(diverge[0])} ({len(mine)} vs {len(theirs)} consumed)")
+            else:
+                print(f"epoch {epoch}: same ids in the same order for the first {n} ({len(mine)} vs {len(theirs)} consumed)")
+    return 1 if duplicated else 0
 
 
 def _train(args, demo: bool) -> int:
@@ -76,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "prepare":
             code = _prepare(args)
+        elif args.verb == "audit":
+            code = _audit(args)
         else:
             code = _train(args, demo=args.verb == "demo")
     except (ConfigError, FileNotFoundError, ValueError) as err:

@@ -76,6 +76,12 @@ class TrainConfig:
     """Every N optimizer steps: evaluate on the dev set (0 = only at the end)."""
     save_steps: int = 0
     """Every N optimizer steps: DeepSpeed checkpoint (0 = only at the end)."""
+    trained_checkpoint: str = ""
+    """Resume: 'latest', a step number, or a checkpoint directory (LucaVirus's --trained_checkpoint).
+    Checkpoints are looked up in `model.model_dirpath`/checkpoints when that is a run directory,
+    else in `output_dir`/checkpoints."""
+    save_total_limit: int = 3
+    """Keep the newest N committed checkpoints (0 = all); the one `latest` names is never deleted."""
     best_metric: str = "loss"
     """Dev metric choosing the `best/` export ('loss' is lower-better, any '*acc*' higher-better)."""
     progress_bar: bool = True
@@ -88,6 +94,10 @@ class TrainConfig:
             _check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         for name in ("loss_logging_steps", "logging_steps"):
             _check_positive(f"train.{name}", getattr(self, name))
+        _check_positive("train.save_total_limit", self.save_total_limit, allow_zero=True)
+        t = self.trained_checkpoint
+        if t and t != "latest" and not t.isdigit() and not Path(t).is_dir():
+            raise ConfigError(f"`train.trained_checkpoint` must be 'latest', a step number or a checkpoint directory, got {t!r}")
         if self.max_steps == 0 and self.num_train_epochs == 0:
             raise ConfigError("one of `train.max_steps` or `train.num_train_epochs` must be > 0")
         _check_positive("train.learning_rate", self.learning_rate)

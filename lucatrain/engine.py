@@ -145,12 +145,15 @@ def _make_optimizer(module: torch.nn.Module, cfg, ds_config: dict) -> torch.opti
 class Engine:
     """A DeepSpeed engine around a Task module, with the few verbs the trainer needs."""
 
-    def __init__(self, module: torch.nn.Module, cfg):
+    def __init__(self, module: torch.nn.Module, cfg, load_universal: bool = False):
+        """load_universal: the checkpoint to resume from is a universal one (another world size)."""
         import deepspeed
 
         self.cfg = cfg
         self.world_size = dist.world_size()
         self.ds_config = build_ds_config(cfg, self.world_size)
+        if load_universal:
+            self.ds_config["checkpoint"] = {"load_universal": True}
         optimizer = _make_optimizer(module, cfg, self.ds_config)
         train = cfg.train
 
@@ -211,11 +214,15 @@ class Engine:
 
     def save(self, directory: str | Path, tag: str, client_state: dict) -> None:
         """Model + optimizer + scheduler shards of every rank (collective)."""
+        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
+        # Marks the checkpoint convertible to DeepSpeed's universal format (resume at another world size).
+        client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, directory: str | Path, tag: str) -> dict:
         """Restore a `save` (collective); returns the client_state."""
-        path, client_state = self.ds.load_checkpoint(str(directory), tag=tag)
+        path, client_state = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
         return client_state or {}
@@ -237,3 +244,32 @@ class Engine:
         for name, buffer in submodule.named_buffers():
             state[name] = buffer.detach().float().cpu().clone()
         return state
+
+
+def convert_to_universal(checkpoint_dir: Path, tag: str, output_dir: Path) -> None:
+    """DeepSpeed's universal checkpoint conversion, in-process (call on one rank, then barrier).
+
+    A ZeRO checkpoint holds optimizer shards cut for the world size that wrote it; the universal
+    form stores every parameter's fp32 weights and Adam moments whole, so any world size can load it.
+    """
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(checkpoint_dir / tag),
+        output_folder=str(output_dir / tag),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    ds_to_universal(args)
+    # load_checkpoint reads the model-states file (module, scheduler, client state) from the tag directory.
+    for states in (checkpoint_dir / tag).glob("*model_states.pt"):
+        target = output_dir / tag / states.name
+        if not target.exists():
+            import shutil
+
+            shutil.copy2(states, target)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -21,10 +22,13 @@ from lucatrain.config import Config
 from lucatrain.data.batching import BatchSpec, plan_epoch, rank_micro_batches
 from lucatrain.data.collate import EVAL_EPOCH, Collator, MaskingConfig
 from lucatrain.data.prepared import PreparedDataset, load_prepared, prepare_or_load
-from lucatrain.engine import Engine, init_distributed, peak_memory_bytes
+from lucatrain import checkpoint
+from lucatrain.checkpoint import maybe_fault, read_valid_manifest
+from lucatrain.engine import Engine, convert_to_universal, init_distributed, peak_memory_bytes
 from lucatrain.models.lora import apply_lora, merge_lora_state_dict
 from lucatrain.models.lucagplm import LucaGPLM, LucaGPLMConfig
 from lucatrain.monitor import Monitor, setup_logging
+from lucatrain.progress import Ledger
 from lucatrain.tasks import build_task
 
 
@@ -54,7 +58,7 @@ def make_loader(data, micro_batches, collator, epoch, num_workers) -> DataLoader
 def build_model(cfg: Config) -> LucaGPLM:
     """A fresh encoder from the config, or the weights exported at `model.model_dirpath`."""
     m = cfg.model
-    if m.model_dirpath:
+    if m.model_dirpath and not cfg.train.trained_checkpoint:  # resuming: the checkpoint has the weights
         return LucaGPLM.from_pretrained(m.model_dirpath, gradient_checkpointing=m.gradient_checkpointing)
     config = LucaGPLMConfig(
         hidden_size=m.hidden_size,
@@ -94,6 +98,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+DS_TAG = "ds"  # DeepSpeed's own files live in <checkpoint>/ds/
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -118,7 +125,9 @@ class Trainer:
             lora = cfg.lora
             self.model = apply_lora(self.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
         self.task = build_task(self.model, cfg.tasks.names, cfg.tasks.weights)
-        self.engine = Engine(self.task, cfg)
+        self.resume_from = self.find_resume_checkpoint() if cfg.train.trained_checkpoint else None
+        written_by = read_valid_manifest(self.resume_from)["world_size"] if self.resume_from else dist.world_size()
+        self.engine = Engine(self.task, cfg, load_universal=written_by != dist.world_size())
         masking = MaskingConfig(cfg.tasks.mask_prob, cfg.tasks.mask_token_prob, cfg.tasks.random_token_prob)
         self.collator = Collator(cfg.data.max_length, cfg.data.truncation, masking, cfg.train.seed)
 
@@ -132,11 +141,9 @@ class Trainer:
             sort_pool_size=cfg.data.bucket_size * self.world_size * self.accumulation * max(1, cfg.train.batch_size),
         )
         self.global_step = 0
-        self.epoch = 0
-        self.samples_seen = 0
-        self.tokens_seen = 0
         self.best_metric: float | None = None
-        self.history: list[dict] = []  # every logged window, for tests and plots
+        self.ledger = Ledger()
+        self.history: list[dict] = []  # every logged window of this process, for tests and plots
         self.logger.info(
             "world_size=%d params=%.2fM train_records=%d dev_records=%d zero_stage=%d precision=%s",
             self.world_size,
@@ -146,29 +153,77 @@ class Trainer:
             self.engine.zero_stage,
             cfg.deepspeed.precision,
         )
+        if self.resume_from is not None:
+            self.restore(self.resume_from, written_by)
 
     # ------------------------------------------------------------------ data stream
 
-    def epoch_plan(self, epoch: int) -> list[np.ndarray]:
-        return plan_epoch(self.train_data.lengths, self.spec, self.cfg.train.seed, epoch, self.train_data.fingerprint)
+    def epoch_plan(self, epoch: int, exclude_ids: np.ndarray | None = None) -> list[np.ndarray]:
+        """Global batches (row indices) of `epoch`, optionally over only the rows not in `exclude_ids`."""
+        data = self.train_data
+        if exclude_ids is None or len(exclude_ids) == 0:
+            return plan_epoch(data.lengths, self.spec, self.cfg.train.seed, epoch, data.fingerprint)
+        rows = np.flatnonzero(~np.isin(data.sample_ids, exclude_ids))  # by id column only: no record is read
+        batches = plan_epoch(data.lengths[rows], self.spec, self.cfg.train.seed, epoch, data.fingerprint)
+        return [rows[b] for b in batches]
+
+    def epoch_order(self, epoch: int) -> tuple[list[np.ndarray], int, dict]:
+        """(global batches still to run in `epoch`, the order position they start at, the order key).
+
+        An epoch's order is `prefix` already-consumed samples followed by a plan of every other row;
+        prefix is 0 unless a resume found the data or the batch definition changed mid-epoch, in which
+        case the samples consumed so far are excluded from a fresh plan of the rest.
+        """
+        key = {"seed": self.cfg.train.seed, "fingerprint": self.train_data.fingerprint, **self.spec.order_key()}
+        ledger = self.ledger
+        resuming = ledger.epoch == epoch and ledger.cursor > 0
+        if not resuming:
+            return self.epoch_plan(epoch), 0, {**key, "prefix": 0}
+        same_order = {k: v for k, v in ledger.order_key.items() if k != "prefix"} == key
+        prefix = ledger.order_key.get("prefix", 0) if same_order else ledger.cursor
+        batches = self.epoch_plan(epoch, ledger.consumed_ids(epoch)[:prefix])
+        position = prefix
+        for i, batch in enumerate(batches):
+            if position == ledger.cursor:
+                if not same_order:
+                    self.logger.warning(
+                        "resume: the data or the global batch definition changed (%s -> %s); the %d samples "
+                        "already consumed in epoch %d are skipped by id, %d remain",
+                        ledger.order_key, key, prefix, epoch, sum(len(b) for b in batches),
+                    )
+                return batches[i:], position, {**key, "prefix": prefix}
+            position += len(batch)
+        # The cursor falls inside a global batch of the recomputed plan: re-plan the rest by id.
+        return self.epoch_order_excluding_all(epoch, key)
+
+    def epoch_order_excluding_all(self, epoch: int, key: dict) -> tuple[list[np.ndarray], int, dict]:
+        prefix = self.ledger.cursor
+        return self.epoch_plan(epoch, self.ledger.consumed_ids(epoch)), prefix, {**key, "prefix": prefix}
 
     def steps(self):
-        """Yield (epoch, [micro-batch tensors] for this rank) for every optimizer step to run."""
+        """Yield (epoch, global batch rows, order start, this rank's micro-batch tensors) per step.
+
+        Resuming starts at the ledger's cursor: batches before it are never read or collated.
+        """
         cfg = self.cfg.train
         max_epochs = cfg.num_train_epochs if cfg.num_train_epochs > 0 else math.inf
-        while self.epoch < max_epochs:
-            plan = self.epoch_plan(self.epoch)
-            if not plan:
+        epoch = self.ledger.epoch
+        while epoch < max_epochs:
+            batches, position, key = self.epoch_order(epoch)
+            self.ledger.start_epoch(epoch, key, self.train_data.fingerprint)
+            if epoch == 0 and position == 0 and not batches:
                 raise ValueError(
                     f"the training set ({len(self.train_data)} records) is smaller than one global batch "
                     f"({self.spec.micro_batches_per_step} micro-batches); lower train.batch_size or add data"
                 )
-            mine = [rank_micro_batches(b, self.train_data.lengths, self.world_size, self.rank, self.accumulation) for b in plan]
+            mine = [rank_micro_batches(b, self.train_data.lengths, self.world_size, self.rank, self.accumulation) for b in batches]
             flat = [mb for step in mine for mb in step]
-            loader = iter(make_loader(self.train_data, flat, self.collator, self.epoch, self.cfg.data.num_workers))
-            for _ in plan:
-                yield self.epoch, [next(loader) for _ in range(self.accumulation)]
-            self.epoch += 1
+            loader = iter(make_loader(self.train_data, flat, self.collator, epoch, self.cfg.data.num_workers))
+            for batch in batches:
+                yield epoch, batch, position, [next(loader) for _ in range(self.accumulation)]
+                position += len(batch)
+            epoch += 1
+            self.ledger.start_epoch(epoch, {}, self.train_data.fingerprint)
 
     # ------------------------------------------------------------------ the loop
 
@@ -176,14 +231,22 @@ class Trainer:
         cfg = self.cfg.train
         by_epochs = len(self.epoch_plan(0)) * cfg.num_train_epochs if cfg.num_train_epochs else math.inf
         total = int(min(cfg.max_steps or math.inf, by_epochs))
-        monitor = Monitor(self.run_dir, total, self.cfg.logger.tensorboard, cfg.progress_bar and dist.is_main())
+        monitor = Monitor(self.run_dir, total, self.cfg.logger.tensorboard, cfg.progress_bar and dist.is_main(), self.global_step)
         window: dict[str, float] = {}
         window_start, window_steps = time.perf_counter(), 0
         self.engine.train()
-        for epoch, micro_batches in self.steps():
-            _accumulate(window, self.train_step(micro_batches))
+        for epoch, batch, position, micro_batches in self.steps():
+            if self.global_step >= total:
+                break
+            report = self.train_step(micro_batches)
+            _accumulate(window, report)
             self.global_step += 1
             window_steps += 1
+            step_tokens = int(dist.all_reduce_dict({"tokens": report["tokens"]}, self.engine.device)["tokens"])
+            self.ledger.record_step(self.global_step, epoch, position, position + len(batch),
+                                    self.train_data.sample_ids[batch], step_tokens)  # fmt: skip
+            maybe_fault("step", self.global_step)
+            stop = self.global_step >= total
 
             if self.global_step % cfg.loss_logging_steps == 0 or self.global_step == total:
                 summed = dist.all_reduce_dict(window, self.engine.device)
@@ -199,28 +262,34 @@ class Trainer:
                         scalars["grad_norm"] = norm
                     scalars["peak_memory_mb"] = peak_memory_bytes() / 2**20
                     scalars["epoch"] = epoch
-                self.samples_seen += int(summed["samples"])
-                self.tokens_seen += int(summed["tokens"])
                 monitor.scalars(self.global_step, scalars, prefix="train/")
                 monitor.advance(window_steps, {"loss": scalars["loss"], "lr": scalars["lr"], "tok/s": scalars["tokens_per_s"]})
-                self.history.append({"step": self.global_step, **scalars})
+                self.log_history({"step": self.global_step, **scalars})
                 window, window_start, window_steps = {}, time.perf_counter(), 0
 
             if cfg.eval_steps and self.global_step % cfg.eval_steps == 0 and self.global_step != total:
                 self.evaluate_and_export_best(monitor)
             if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step != total:
                 self.save_checkpoint()
-            if cfg.max_steps and self.global_step >= cfg.max_steps:
+            if stop:
                 break
 
         self.evaluate_and_export_best(monitor)
         self.save_checkpoint()
         self.export(self.run_dir / "last")
         monitor.close()
-        if dist.is_main():
-            (self.run_dir / "history.json").write_text(json.dumps(self.history, indent=1))
-        self.logger.info("done: %d steps, %d samples, %d tokens -> %s", self.global_step, self.samples_seen, self.tokens_seen, self.run_dir)
+        self.logger.info(
+            "done: %d steps, %d samples, %d tokens -> %s",
+            self.global_step, self.ledger.samples_seen, self.ledger.tokens_seen, self.run_dir,
+        )  # fmt: skip
         return {"history": self.history, "global_step": self.global_step}
+
+    def log_history(self, entry: dict) -> None:
+        """Append to history.jsonl as we go, so a killed run keeps its curve."""
+        self.history.append(entry)
+        if dist.is_main():
+            with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; returns the summed report."""
@@ -274,7 +343,7 @@ class Trainer:
         if not metrics:
             return
         monitor.scalars(self.global_step, metrics, prefix="eval/")
-        self.history.append({"step": self.global_step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        self.log_history({"step": self.global_step, **{f"eval/{k}": v for k, v in metrics.items()}})
         key = self.cfg.train.best_metric
         if key not in metrics:
             raise ValueError(f"`train.best_metric={key}` is not an eval metric; available: {sorted(metrics)}")
@@ -287,10 +356,66 @@ class Trainer:
 
     # ------------------------------------------------------------------ saving
 
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
     def save_checkpoint(self) -> None:
-        state = {"global_step": self.global_step, "epoch": self.epoch, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen}
-        self.engine.save(self.run_dir / "checkpoints", f"step-{self.global_step}", client_state={"trainer": state})
-        self.logger.info("saved DeepSpeed checkpoint step-%d", self.global_step)
+        """Stage every rank's shards, barrier, manifest, atomic rename, then `latest` (checkpoint.py)."""
+        stage = checkpoint.begin(self.checkpoint_root, self.global_step)
+        self.engine.save(stage, DS_TAG, client_state={})
+        checkpoint.save_rng_state(stage / "rng" / f"rank{self.rank}.npz")
+        if dist.is_main():
+            state = {
+                "global_step": self.global_step,
+                "best_metric": self.best_metric,
+                "world_size": self.world_size,
+                "train_data": str(self.train_data.path),
+                "fingerprint": self.train_data.fingerprint,
+            }
+            (stage / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            self.ledger.save(stage / "ledger")
+        checkpoint.maybe_fault("after_shards", self.global_step)
+        path = checkpoint.commit(self.checkpoint_root, self.global_step, self.ledger.summary(), self.cfg.train.save_total_limit)
+        self.logger.info("checkpoint %s committed (%d samples consumed)", path, self.ledger.samples_seen)
+
+    def find_resume_checkpoint(self) -> Path:
+        """`train.trained_checkpoint` resolved, with LucaVirus's meaning of `model_dirpath`."""
+        which = self.cfg.train.trained_checkpoint
+        model_dir = Path(self.cfg.model.model_dirpath) if self.cfg.model.model_dirpath else None
+        if model_dir is not None and checkpoint.read_valid_manifest(model_dir) is not None:
+            return model_dir  # model_dirpath names the checkpoint itself (LucaVirus: .../checkpoint-step<N>)
+        root = model_dir / "checkpoints" if model_dir is not None and (model_dir / "checkpoints").is_dir() else self.checkpoint_root
+        return checkpoint.find_resume_checkpoint(root, which)
+
+    def restore(self, path: Path, written_by: int) -> None:
+        """Model, optimizer, scheduler, counters, ledger and RNG from a committed checkpoint."""
+        load_dir = path
+        if written_by != self.world_size:
+            # ZeRO shards are cut per rank: convert to DeepSpeed's universal form, then load that.
+            load_dir = self.checkpoint_root / f".universal-{path.name}"
+            if dist.is_main():
+                if load_dir.exists():
+                    shutil.rmtree(load_dir)
+                convert_to_universal(path, DS_TAG, load_dir)
+            dist.barrier()
+        self.engine.load(load_dir, DS_TAG)
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.global_step = state["global_step"]
+        self.best_metric = state["best_metric"]
+        self.ledger = Ledger.load(path / "ledger")
+        rng = path / "rng" / f"rank{self.rank}.npz"
+        if written_by == self.world_size and rng.exists():
+            checkpoint.load_rng_state(rng)
+        else:
+            seed_everything(self.cfg.train.seed + 7919 * self.global_step + self.rank)
+            self.logger.warning("world size %d -> %d: RNG states re-seeded (masks do not use them)", written_by, self.world_size)
+        if written_by != self.world_size and dist.is_main():
+            shutil.rmtree(load_dir, ignore_errors=True)
+        self.logger.info(
+            "resumed from %s: step %d, epoch %d, %d samples consumed (cursor %d)",
+            path, self.global_step, self.ledger.epoch, self.ledger.samples_seen, self.ledger.cursor,
+        )  # fmt: skip
 
     def export(self, directory: Path, extra: dict | None = None) -> None:
         """Encoder weights as config.json + model.safetensors (collective: gathers ZeRO shards)."""

@@ -38,14 +38,20 @@ def tiny_overrides(tmp_path: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def launch(args: list[str], nproc: int, timeout: int = 600, launcher: str = "deepspeed") -> subprocess.CompletedProcess:
+def launch(args: list[str], nproc: int, timeout: int = 600, launcher: str = "deepspeed", env: dict | None = None,
+           expect_failure: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m lucatrain ARGS` under a real launcher with `nproc` CPU processes (gloo)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if launcher == "deepspeed":
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if launcher == "python":
+        cmd = [sys.executable, "-m", "lucatrain", *args]
+    elif launcher == "deepspeed":
         cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nproc), "--master_port", str(_free_port()), "--module", "lucatrain", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), "-m", "lucatrain", *args]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if expect_failure:
+        assert result.returncode != 0, "the run was expected to die"
+        return result
     if result.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}")
     return result
@@ -57,3 +63,9 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def read_history(run: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]

@@ -69,7 +69,7 @@ def test_run_scripts_run_tiny_on_cpu(tmp_path, script, nproc):
     log = (tmp_path / "run" / "logs" / "training.log").read_text()
     assert f"world_size={nproc}" in log
     assert "done: 6 steps" in log
-    assert (tmp_path / "run" / "checkpoints" / "step-3").is_dir()
+    assert (tmp_path / "run" / "checkpoints" / "step-000003" / "manifest.json").is_file()
     assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
 
 

@@ -32,7 +32,7 @@ def test_two_process_deepspeed_launcher(tmp_path, zero, precision, max_tokens):
     )]
     launch(args, nproc=2)
     run = tmp_path / "run"
-    history = json.loads((run / "history.json").read_text())
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     # Genes are in every window (the dev split has 308 genes, 4 proteins), so their loss is comparable.
     losses = [h["gene_mask/loss"] for h in history if "gene_mask/loss" in h]
     assert len(losses) == 6
@@ -41,7 +41,7 @@ def test_two_process_deepspeed_launcher(tmp_path, zero, precision, max_tokens):
     assert sum(1 for h in history if "samples_per_s" in h) == 6
     # DeepSpeed wrote a shard per rank for both checkpoints.
     for step in (15, 30):
-        shards = sorted(p.name for p in (run / "checkpoints" / f"step-{step}").glob("*optim_states.pt"))
+        shards = sorted(p.name for p in (run / "checkpoints" / f"step-{step:06d}" / "ds").glob("*optim_states.pt"))
         assert len(shards) == 2, shards
     # The gathered export loads as a plain model and runs.
     model = LucaGPLM.from_pretrained(run / "last")
@@ -58,7 +58,7 @@ def test_two_process_torchrun_matches_world_size_semantics(tmp_path):
         tmp_path, **{"deepspeed.config": "zero1", "train.batch_size": 4, "train.max_steps": 4, "train.loss_logging_steps": 4}
     )]
     launch(args, nproc=2, launcher="torchrun")
-    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert history[0]["step"] == 4
     log = (tmp_path / "run" / "logs" / "training.log").read_text()
     assert "world_size=2" in log

@@ -44,6 +44,22 @@ class BatchSpec:
     max_length: int = 1026
     sort_pool_size: int = 4096  # token-budget mode: samples sorted together by length
 
+    def order_key(self) -> dict:
+        """What the epoch's sequence of global batches depends on, besides seed, epoch and data.
+
+        Fixed mode: only the global batch size, so world size, micro-batch and accumulation may
+        change freely with it constant. Token-budget mode: the split count and the budget.
+        """
+        if self.max_tokens <= 0:
+            return {"mode": "fixed", "global_batch": self.batch_size * self.micro_batches_per_step}
+        return {
+            "mode": "tokens",
+            "micro_batches_per_step": self.micro_batches_per_step,
+            "max_tokens": self.max_tokens,
+            "max_length": self.max_length,
+            "sort_pool_size": self.sort_pool_size,
+        }
+
 
 def plan_epoch(lengths: np.ndarray, spec: BatchSpec, seed: int, epoch: int, fingerprint: str) -> list[np.ndarray]:
     """Global batches of one epoch, each an array of row indices into the prepared dataset.

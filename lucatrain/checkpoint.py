@@ -1,0 +1,204 @@
+"""Crash-safe checkpoints: stage, barrier, manifest, atomic rename, then the `latest` pointer.
+
+Layout of `<output_dir>/checkpoints/`:
+
+    step-000120/              one committed checkpoint
+        ds/                   DeepSpeed's model/optimizer/scheduler shards (every rank writes its own)
+        trainer_state.json    trainer counters and the world it was written by
+        ledger/               the progress ledger (lucatrain.progress)
+        rng/rank<R>.npz       every RNG state of rank R (python, numpy, torch CPU, CUDA), no pickle
+        manifest.json         written last: every file with its size, the step, a ledger summary
+    latest                    text file naming the newest committed checkpoint
+    .staging-step-000130/     a checkpoint being written; never read by resume
+
+A checkpoint counts only if its manifest exists and every listed file has the listed size; a
+resume that finds `latest` broken walks back to the newest valid checkpoint, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lucatrain import dist
+from lucatrain.monitor import get_logger
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+STAGING_PREFIX = ".staging-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def step_of(name: str) -> int:
+    return int(name.rsplit("-", 1)[1])
+
+
+# ---------------------------------------------------------------------------- RNG state
+
+
+def save_rng_state(path: Path) -> None:
+    """This process's RNG states as plain arrays (np.savez, loadable with allow_pickle=False)."""
+    version, mt_state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    arrays = {
+        "python_mt": np.array(mt_state, dtype=np.int64),
+        "python_meta": np.array([version, 0 if gauss is None else 1], dtype=np.int64),
+        "python_gauss": np.array([0.0 if gauss is None else gauss], dtype=np.float64),
+        "numpy_keys": np.asarray(np_state[1], dtype=np.uint32),
+        "numpy_meta": np.array([np_state[2], np_state[3]], dtype=np.int64),
+        "numpy_gauss": np.array([np_state[4]], dtype=np.float64),
+        "torch_cpu": torch.get_rng_state().numpy(),
+    }
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            arrays[f"torch_cuda{i}"] = state.numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def load_rng_state(path: Path) -> None:
+    with np.load(path, allow_pickle=False) as data:
+        version, has_gauss = (int(v) for v in data["python_meta"])
+        gauss = float(data["python_gauss"][0]) if has_gauss else None
+        random.setstate((version, tuple(int(v) for v in data["python_mt"]), gauss))
+        pos, np_has_gauss = (int(v) for v in data["numpy_meta"])
+        np.random.set_state(("MT19937", data["numpy_keys"], pos, np_has_gauss, float(data["numpy_gauss"][0])))
+        torch.set_rng_state(torch.from_numpy(data["torch_cpu"].copy()))
+        cuda = sorted(k for k in data.files if k.startswith("torch_cuda"))
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.from_numpy(data[k].copy()) for k in cuda])
+
+
+# ---------------------------------------------------------------------------- manifest
+
+
+def write_manifest(directory: Path, step: int, summary: dict) -> None:
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            files[str(path.relative_to(directory))] = path.stat().st_size
+    manifest = {"step": step, "world_size": dist.world_size(), "ledger": summary, "files": files}
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    _fsync_file(tmp)
+    os.replace(tmp, directory / MANIFEST)
+
+
+def read_valid_manifest(directory: Path) -> dict | None:
+    """The manifest if `directory` is a complete checkpoint, else None (and why, at debug level)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        for rel, size in manifest["files"].items():
+            if (directory / rel).stat().st_size != size:
+                return None
+        return manifest
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------------------- commit & find
+
+
+def maybe_fault(point: str, step: int) -> None:
+    """Test hook: LUCATRAIN_FAULT=<point>:<step> kills this process with SIGKILL at that point."""
+    if os.environ.get("LUCATRAIN_FAULT") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def staging_dir(root: Path, step: int) -> Path:
+    return root / f"{STAGING_PREFIX}{checkpoint_name(step)}"
+
+
+def begin(root: Path, step: int) -> Path:
+    """Rank 0 clears any stale staging directory of this step; all ranks then write into it."""
+    stage = staging_dir(root, step)
+    if dist.is_main():
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True)
+    dist.barrier()
+    return stage
+
+
+def commit(root: Path, step: int, summary: dict, keep_last: int) -> Path:
+    """After every rank wrote its files: manifest, rename into place, move `latest`, prune."""
+    stage = staging_dir(root, step)
+    final = root / checkpoint_name(step)
+    dist.barrier()  # every rank's shards are on disk
+    if dist.is_main():
+        maybe_fault("before_manifest", step)
+        write_manifest(stage, step, summary)
+        if final.exists():  # a re-run of the same step after a resume: the new one replaces it
+            shutil.rmtree(final)
+        os.replace(stage, final)
+        maybe_fault("before_latest", step)
+        tmp = root / (LATEST + ".tmp")
+        tmp.write_text(final.name)
+        os.replace(tmp, root / LATEST)
+        prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def committed(root: Path) -> list[Path]:
+    """Committed checkpoint directories, oldest first (validity not checked)."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: step_of(p.name))
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints (0 = all); never the one `latest` names."""
+    if keep_last <= 0:
+        return
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
+    for path in committed(root)[:-keep_last]:
+        if path.name != latest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def find_resume_checkpoint(root: Path, which: str) -> Path:
+    """`which` is 'latest', a step number, or a checkpoint directory. Broken ones are skipped."""
+    logger = get_logger()
+    if which not in ("latest",) and not which.isdigit():
+        path = Path(which)
+        if read_valid_manifest(path) is None:
+            raise ValueError(f"`train.trained_checkpoint={which}`: not a complete lucatrain checkpoint (no valid {MANIFEST})")
+        return path
+    if which.isdigit():
+        path = root / checkpoint_name(int(which))
+        if read_valid_manifest(path) is None:
+            valid = [p.name for p in committed(root) if read_valid_manifest(p) is not None]
+            raise ValueError(f"`train.trained_checkpoint={which}`: {path} is missing or incomplete; valid: {valid}")
+        return path
+    named = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
+    candidates = committed(root)
+    if named is not None:
+        # The pointer wins if valid; otherwise everything not newer than it is a candidate.
+        target = root / named
+        if read_valid_manifest(target) is not None:
+            return target
+        logger.warning("checkpoint %s named by %s is incomplete; looking for an older one", target, root / LATEST)
+    for path in reversed(candidates):
+        if read_valid_manifest(path) is not None:
+            if named is not None and path.name != named:
+                logger.warning("resuming from %s", path)
+            return path
+        logger.warning("ignoring incomplete checkpoint %s (no valid manifest)", path)
+    raise ValueError(f"`train.trained_checkpoint=latest`: no complete checkpoint under {root}")
