@@ -362,6 +362,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Stage every rank's shards, barrier, manifest, atomic rename, then `latest` (checkpoint.py)."""
+        started = time.perf_counter()
         stage = checkpoint.begin(self.checkpoint_root, self.global_step)
         self.engine.save(stage, DS_TAG, client_state={})
         checkpoint.save_rng_state(stage / "rng" / f"rank{self.rank}.npz")
@@ -377,7 +378,11 @@ class Trainer:
             self.ledger.save(stage / "ledger")
         checkpoint.maybe_fault("after_shards", self.global_step)
         path = checkpoint.commit(self.checkpoint_root, self.global_step, self.ledger.summary(), self.cfg.train.save_total_limit)
-        self.logger.info("checkpoint %s committed (%d samples consumed)", path, self.ledger.samples_seen)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if dist.is_main() else 0
+        self.logger.info(
+            "checkpoint %s committed in %.3f s, %d bytes (%d samples consumed)",
+            path, time.perf_counter() - started, size, self.ledger.samples_seen,
+        )  # fmt: skip
 
     def find_resume_checkpoint(self) -> Path:
         """`train.trained_checkpoint` resolved, with LucaVirus's meaning of `model_dirpath`."""

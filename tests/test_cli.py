@@ -79,3 +79,18 @@ def _port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_continue_script_resumes_the_mask_run(tmp_path):
+    env = _tiny_script_env(tmp_path, nproc_per_node="2", MASTER_PORT=str(_port()))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    first = subprocess.run(["bash", "run_scripts/run_multi_mask_v1.0.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    env.update(max_steps="9", nproc_per_node="1", MASTER_PORT=str(_port()), trained_checkpoint="latest")
+    result = subprocess.run(["bash", "run_scripts/run_multi_v1.0_continue.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = (tmp_path / "run" / "logs" / "training.log").read_text()
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'step-000006'}" in log
+    assert "world size 2 -> 1" in log
+    assert "done: 9 steps" in log

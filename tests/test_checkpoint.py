@@ -1,0 +1,81 @@
+"""Checkpoint commit protocol, retention, RNG states and the ledger format, in one process."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lucatrain import checkpoint
+from lucatrain.progress import Ledger, audit
+
+
+def fake_checkpoint(root, step, keep_last=0):
+    stage = checkpoint.begin(root, step)
+    (stage / "ds").mkdir()
+    (stage / "ds" / "shard.pt").write_bytes(b"x" * (100 + step))
+    return checkpoint.commit(root, step, {"samples_seen": step}, keep_last)
+
+
+def test_commit_writes_manifest_then_latest(tmp_path):
+    path = fake_checkpoint(tmp_path, 3)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["files"] == {"ds/shard.pt": 103} and manifest["step"] == 3
+    assert (tmp_path / "latest").read_text() == "step-000003"
+    assert not list(tmp_path.glob(".staging-*"))
+
+
+def test_retention_keeps_last_k_and_never_the_latest(tmp_path):
+    for step in (1, 2, 3, 4):
+        fake_checkpoint(tmp_path, step, keep_last=2)
+    assert [p.name for p in checkpoint.committed(tmp_path)] == ["step-000003", "step-000004"]
+    # `latest` pointing at an old checkpoint (e.g. set by hand) protects it from pruning.
+    (tmp_path / "latest").write_text("step-000003")
+    checkpoint.prune(tmp_path, 1)
+    assert [p.name for p in checkpoint.committed(tmp_path)] == ["step-000003", "step-000004"]
+
+
+def test_resume_skips_torn_checkpoints(tmp_path):
+    for step in (3, 6):
+        fake_checkpoint(tmp_path, step)
+    (tmp_path / "step-000006" / "ds" / "shard.pt").write_bytes(b"short")  # torn after commit
+    assert checkpoint.find_resume_checkpoint(tmp_path, "latest").name == "step-000003"
+    with pytest.raises(ValueError, match="missing or incomplete; valid: \\['step-000003'\\]"):
+        checkpoint.find_resume_checkpoint(tmp_path, "6")
+    (tmp_path / "step-000003" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        checkpoint.find_resume_checkpoint(tmp_path, "latest")
+
+
+def test_rng_states_round_trip(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached gauss value in python's state
+    checkpoint.save_rng_state(tmp_path / "rank0.npz")
+    want = (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    checkpoint.load_rng_state(tmp_path / "rank0.npz")
+    got = (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(3))
+    assert got[:3] == want[:3] and torch.equal(got[3], want[3])
+    with np.load(tmp_path / "rank0.npz", allow_pickle=False) as data:  # no pickle inside
+        assert "torch_cpu" in data.files
+
+
+def test_ledger_round_trip_step_ids_and_audit(tmp_path):
+    ledger = Ledger()
+    ledger.start_epoch(0, {"seed": 1, "prefix": 0}, "f" * 64)
+    ledger.record_step(1, 0, 0, 3, np.array([10, 11, 12]), tokens=30)
+    ledger.record_step(2, 0, 3, 5, np.array([13, 14]), tokens=20)
+    ledger.start_epoch(1, {}, "f" * 64)
+    ledger.record_step(3, 1, 0, 2, np.array([14, 14]), tokens=20)
+    ledger.save(tmp_path)
+    again = Ledger.load(tmp_path)
+    assert again.summary() == ledger.summary() == {"epoch": 1, "cursor": 2, "samples_seen": 7, "tokens_seen": 70, "steps": 3}
+    np.testing.assert_array_equal(again.step_ids(2), [13, 14])
+    np.testing.assert_array_equal(again.step_ids(3), [14, 14])
+    report = audit(again, all_ids=np.arange(10, 16))
+    assert report[0] == {"consumed": 5, "unique": 5, "duplicates": [], "num_duplicates": 0, "never_seen": 1}
+    assert report[1]["duplicates"] == [14] and report[1]["never_seen"] == 5
+    (tmp_path / "ids_epoch0.npy").write_bytes((tmp_path / "ids_epoch1.npy").read_bytes())
+    with pytest.raises(ValueError, match="ids_epoch0.npy holds 2 ids, ledger.json says 5"):
+        Ledger.load(tmp_path)
