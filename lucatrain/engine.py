@@ -169,6 +169,10 @@ class Engine:
             model=module, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config
         )
         self.zero_stage = self.ds.zero_optimization_stage()
+        # Per-group hyperparameters as configured; a load must not change them (see `load`).
+        self._group_settings = [
+            {k: g[k] for k in ("weight_decay", "betas", "eps") if k in g} for g in self.ds.optimizer.param_groups
+        ]
         if self.world_size == 1 and self.zero_stage == 0:
             # With one rank the gradient all-reduce is an identity that still flattens and copies
             # every gradient (~1% of a small model's step, bench/README.md).
@@ -225,6 +229,10 @@ class Engine:
         path, client_state = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
+        # DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group the first group's
+        # weight_decay, so biases and LayerNorms would start decaying; put the configured values back.
+        for group, settings in zip(self.ds.optimizer.param_groups, self._group_settings):
+            group.update(settings)
         return client_state or {}
 
     def full_state_dict(self, submodule: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -39,19 +39,34 @@ def assert_same_stream(a: Ledger, b: Ledger):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The reference: 12 steps on 2 processes without interruption."""
-    root = tmp_path_factory.mktemp("reference")
-    launch(args_for(root), nproc=2)
-    return root / "run"
+def reference_runs(tmp_path_factory):
+    """Uninterrupted 12-step runs on 2 processes, one per ZeRO config, made on first use."""
+    runs = {}
+
+    def get(zero="zero2"):
+        if zero not in runs:
+            root = tmp_path_factory.mktemp(f"reference-{zero}")
+            launch(args_for(root, **{"deepspeed.config": zero}), nproc=2)
+            runs[zero] = root / "run"
+        return runs[zero]
+
+    return get
 
 
-def test_sigkill_at_random_step_then_resume_is_bitwise_exact(tmp_path, uninterrupted):
+@pytest.fixture(scope="module")
+def uninterrupted(reference_runs):
+    return reference_runs("zero2")
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_sigkill_at_random_step_then_resume_is_bitwise_exact(tmp_path, reference_runs, zero):
+    uninterrupted = reference_runs(zero)
     kill_at = random.Random().randint(4, STEPS - 1)
-    launch(args_for(tmp_path), nproc=2, env={"LUCATRAIN_FAULT": f"step:{kill_at}"}, expect_failure=True)
+    config = {"deepspeed.config": zero}
+    launch(args_for(tmp_path, **config), nproc=2, env={"LUCATRAIN_FAULT": f"step:{kill_at}"}, expect_failure=True)
     run = tmp_path / "run"
     assert (run / "checkpoints" / "latest").exists(), f"killed at step {kill_at}"
-    launch(args_for(tmp_path, **{"train.trained_checkpoint": "latest"}), nproc=2)
+    launch(args_for(tmp_path, **config, **{"train.trained_checkpoint": "latest"}), nproc=2)
     log = (run / "logs" / "training.log").read_text()
     assert f"resumed from {run / 'checkpoints' / f'step-{(kill_at // 3) * 3:06d}'}" in log, kill_at
     assert_same_stream(final_ledger(run), final_ledger(uninterrupted))
@@ -88,23 +103,32 @@ def test_checkpoint_without_manifest_is_skipped(tmp_path, uninterrupted):
     assert "is incomplete" in log and "resumed from" in log and "step-000009" in log
 
 
-@pytest.mark.parametrize("before,after", [((2, 1), (1, 2)), ((1, 2), (2, 1))], ids=["2to1", "1to2"])
-def test_changed_world_size_continues_the_global_stream(tmp_path, uninterrupted, before, after):
+@pytest.mark.parametrize(
+    "before,after,zero",
+    [((2, 1), (1, 2), "zero2"), ((1, 2), (2, 1), "zero2"), ((2, 1), (1, 2), "zero3")],
+    ids=["2to1", "1to2", "2to1-zero3"],
+)
+def test_changed_world_size_continues_the_global_stream(tmp_path, reference_runs, before, after, zero):
     """Global batch 8 = world x accumulation x 4, before and after; the stream must not notice."""
+    uninterrupted = reference_runs(zero)
     (world0, accum0), (world1, accum1) = before, after
-    launch(args_for(tmp_path, **{"train.gradient_accumulation_steps": accum0}),
+    launch(args_for(tmp_path, **{"train.gradient_accumulation_steps": accum0, "deepspeed.config": zero}),
            nproc=world0, env={"LUCATRAIN_FAULT": "step:7"}, expect_failure=True)  # fmt: skip
     run = tmp_path / "run"
-    launch(args_for(tmp_path, **{"train.trained_checkpoint": "latest", "train.gradient_accumulation_steps": accum1}), nproc=world1)
+    resume = {"train.trained_checkpoint": "latest", "train.gradient_accumulation_steps": accum1, "deepspeed.config": zero}
+    launch(args_for(tmp_path, **resume), nproc=world1)
     log = (run / "logs" / "training.log").read_text()
     assert f"world_size={world1}" in log and "resumed from" in log
     # The global sample stream is exactly the uninterrupted 2-process run's.
     assert_same_stream(final_ledger(run), final_ledger(uninterrupted))
     # Loss continues the pre-kill curve: each step's loss matches the reference to float noise.
     reference = {h["step"]: h["gene_mask/loss"] for h in read_history(uninterrupted) if "gene_mask/loss" in h}
+    # ZeRO-2 continues bit for bit through the universal conversion; after a ZeRO-3 conversion the
+    # curve drifts slowly (+0.005% at the first resumed step, +0.24% five steps later: README).
+    tolerance = 1e-9 if zero == "zero2" else 5e-3
     for entry in read_history(run):
         if "gene_mask/loss" in entry:
-            assert entry["gene_mask/loss"] == pytest.approx(reference[entry["step"]], rel=2e-4), entry["step"]
+            assert entry["gene_mask/loss"] == pytest.approx(reference[entry["step"]], rel=tolerance), entry["step"]
 
 
 def test_appended_data_file_skips_seen_ids(tmp_path):

@@ -14,12 +14,13 @@ from lucatrain.optim import lr_multiplier
 from lucatrain.trainer import Trainer
 
 
-def run_steps(tmp_path, name, batch_size, accumulation, steps=3):
+def run_steps(tmp_path, name, batch_size, accumulation, steps=3, zero="zero2"):
     cfg = load_config(
         "demo_tiny",
         tiny_overrides(
             tmp_path / name,
-            **{"train.batch_size": batch_size, "train.gradient_accumulation_steps": accumulation, "train.max_grad_norm": 0.0},
+            **{"train.batch_size": batch_size, "train.gradient_accumulation_steps": accumulation, "train.max_grad_norm": 0.0,
+               "deepspeed.config": zero},
         ),
     )
     trainer = Trainer(cfg)
@@ -37,10 +38,11 @@ def run_steps(tmp_path, name, batch_size, accumulation, steps=3):
     return losses, norms, params, moved
 
 
-def test_gradient_accumulation_matches_big_batch(tmp_path):
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_gradient_accumulation_matches_big_batch(tmp_path, zero):
     """4 micro-batches of 2 accumulate exactly the update of one micro-batch of 8 (same samples)."""
-    small_losses, small_norms, small_params, moved = run_steps(tmp_path, "acc4", batch_size=2, accumulation=4)
-    big_losses, big_norms, big_params, _ = run_steps(tmp_path, "acc1", batch_size=8, accumulation=1)
+    small_losses, small_norms, small_params, moved = run_steps(tmp_path, "acc4", batch_size=2, accumulation=4, zero=zero)
+    big_losses, big_norms, big_params, _ = run_steps(tmp_path, "acc1", batch_size=8, accumulation=1, zero=zero)
     np.testing.assert_allclose(small_losses, big_losses, rtol=1e-5)
     np.testing.assert_allclose(small_norms, big_norms, rtol=1e-5)
     for name in big_params:
