@@ -65,7 +65,7 @@ from lucatrain.data.batching import BatchSpec, padded_lengths, plan_epoch, rank_
 from lucatrain.data.collate import Collator, MaskingConfig  # noqa: E402
 from lucatrain.data.prepared import is_prepared, load_prepared  # noqa: E402
 from lucatrain.progress import Ledger  # noqa: E402
-from lucatrain.trainer import Trainer, make_loader  # noqa: E402
+from lucatrain.trainer import MicroBatches, Trainer, make_loader  # noqa: E402
 
 TARGET = 1.2  # time to first step at 1M consumed / at 0 consumed, at most
 WINDOW_VERSION = 1  # bump when the window recipe changes, so the cache is rebuilt
@@ -294,9 +294,9 @@ def bookkeeping_breakdown(ckpt: Path, data, cfg) -> dict:
     shell.logger = logging.getLogger("lucatrain")
     batches, position, _ = shell.epoch_order(ledger.epoch)
     t2 = time.perf_counter()
-    mine = [rank_micro_batches(b, data.lengths, 1, 0, 1) for b in batches]
+    micro_batches = MicroBatches(data, batches, None, ledger.epoch)  # what steps() builds; splits happen per fetch
     t3 = time.perf_counter()
-    assert position == ledger.cursor and len(mine) == len(batches)
+    assert position == ledger.cursor and len(micro_batches) == len(batches)
     return {
         "ledger_load_s": t1 - t0,
         "epoch_order_s": t2 - t1,
@@ -315,10 +315,9 @@ def replay_discard(data, cfg, plan: list[np.ndarray], checkpoints: list[int], li
     masking = MaskingConfig(cfg.tasks.mask_prob, cfg.tasks.mask_token_prob, cfg.tasks.random_token_prob)
     collator = Collator(cfg.data.max_length, cfg.data.truncation, masking, cfg.train.seed)
     accumulation = cfg.train.gradient_accumulation_steps
-    mine = [rank_micro_batches(b, data.lengths, 1, 0, accumulation) for b in plan]
-    flat = [mb for step in mine for mb in step]
-    collator(data.rows(flat[0]), 0)  # the numba kernel compiles once per process: not replay's cost
-    loader = iter(make_loader(data, flat, collator, 0, cfg.data.num_workers))
+    first = rank_micro_batches(plan[0], data.lengths, 1, 0, accumulation)[0]
+    collator(data.rows(first), 0)  # the numba kernel compiles once per process: not replay's cost
+    loader = iter(make_loader(MicroBatches(data, plan, collator, 0, 1, 0, accumulation), cfg.data.num_workers))
     global_batch = len(plan[0])
     out: dict[int, dict] = {}
     targets = sorted(c for c in checkpoints if c > 0)
@@ -369,6 +368,8 @@ def main(argv=None) -> int:
     if work_parent.exists() and args.keep:
         shutil.rmtree(work_parent)
     work_parent.mkdir(parents=True, exist_ok=True)
+    if args.keep:
+        print(f"run directories: {work_parent}")
     try:
         cfg = load_config("demo_tiny", overrides(args, prepared, work_parent / "plan"))
         plan = plan_epoch(data.lengths, trainer_spec(cfg), cfg.train.seed, 0, data.fingerprint)

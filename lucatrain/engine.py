@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -37,12 +37,6 @@ def resolve_ds_config_path(name_or_path: str) -> Path:
     raise FileNotFoundError(f"DeepSpeed config {name_or_path!r} not found (looked in {DS_CONFIG_DIR})")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_distributed() -> None:
     """Join the process group set up by the launcher (deepspeed, torchrun), or make a 1-process one.
 
@@ -53,16 +47,23 @@ def init_distributed() -> None:
 
     if dist.is_initialized():
         return
+    init = {}
     if "RANK" not in os.environ:
+        # A world of one rendezvouses through a file, not a port: no race with other processes
+        # picking "free" ports at the same moment.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", "0")
+        store = tempfile.NamedTemporaryFile(prefix="lucatrain-rendezvous-", delete=False)
+        store.close()
+        os.unlink(store.name)  # the file store creates it; a stale one would hold old state
+        init = {"init_method": f"file://{store.name}", "rank": 0, "world_size": 1}
     accelerator = deepspeed.get_accelerator()
     if accelerator.device_name() == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if accelerator.device_name() == "cpu":
         _build_cpu_comm_op_once()
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False, **init)
 
 
 def _build_cpu_comm_op_once() -> None:

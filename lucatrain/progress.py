@@ -117,7 +117,7 @@ class Ledger:
             tokens_seen=meta["tokens_seen"],
         )
         steps = np.load(directory / "steps.npy", allow_pickle=False)
-        ledger.steps = [tuple(int(v) for v in row) for row in steps]
+        ledger.steps = [tuple(row) for row in steps.tolist()]
         for epoch, info in meta["epochs"].items():
             ids = np.load(directory / f"ids_epoch{epoch}.npy", allow_pickle=False)
             if len(ids) != info["samples"]:

@@ -33,21 +33,29 @@ from lucatrain.tasks import build_task
 
 
 class MicroBatches(Dataset):
-    """Item i = the collated tensors of micro-batch i (a list of row indices)."""
+    """Item i = the collated tensors of this rank's micro-batch i of a list of global batches.
 
-    def __init__(self, data: PreparedDataset, micro_batches: list[np.ndarray], collator: Collator, epoch: int):
-        self.data, self.micro_batches, self.collator, self.epoch = data, micro_batches, collator, epoch
+    The split of a global batch into this rank's micro-batches is done when the item is fetched,
+    so starting (or resuming) an epoch costs nothing per remaining step.
+    """
+
+    def __init__(self, data: PreparedDataset, global_batches: list[np.ndarray], collator: Collator, epoch: int,
+                 world_size: int = 1, rank: int = 0, accumulation: int = 1):  # fmt: skip
+        self.data, self.global_batches, self.collator, self.epoch = data, global_batches, collator, epoch
+        self.world_size, self.rank, self.accumulation = world_size, rank, accumulation
 
     def __len__(self) -> int:
-        return len(self.micro_batches)
+        return len(self.global_batches) * self.accumulation
 
     def __getitem__(self, i: int) -> dict:
-        return self.collator(self.data.rows(self.micro_batches[i]), self.epoch)
+        step, k = divmod(i, self.accumulation)
+        rows = rank_micro_batches(self.global_batches[step], self.data.lengths, self.world_size, self.rank, self.accumulation)[k]
+        return self.collator(self.data.rows(rows), self.epoch)
 
 
-def make_loader(data, micro_batches, collator, epoch, num_workers) -> DataLoader:
+def make_loader(dataset: MicroBatches, num_workers: int) -> DataLoader:
     return DataLoader(
-        MicroBatches(data, micro_batches, collator, epoch),
+        dataset,
         batch_size=None,  # items are whole micro-batches already
         shuffle=False,
         num_workers=num_workers,
@@ -216,9 +224,8 @@ class Trainer:
                     f"the training set ({len(self.train_data)} records) is smaller than one global batch "
                     f"({self.spec.micro_batches_per_step} micro-batches); lower train.batch_size or add data"
                 )
-            mine = [rank_micro_batches(b, self.train_data.lengths, self.world_size, self.rank, self.accumulation) for b in batches]
-            flat = [mb for step in mine for mb in step]
-            loader = iter(make_loader(self.train_data, flat, self.collator, epoch, self.cfg.data.num_workers))
+            micro_batches = MicroBatches(self.train_data, batches, self.collator, epoch, self.world_size, self.rank, self.accumulation)
+            loader = iter(make_loader(micro_batches, self.cfg.data.num_workers))
             for batch in batches:
                 yield epoch, batch, position, [next(loader) for _ in range(self.accumulation)]
                 position += len(batch)
