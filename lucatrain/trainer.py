@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lucatrain import dist
 from lucatrain.config import Config
-from lucatrain.data.batching import BatchSpec, plan_epoch, rank_micro_batches
+from lucatrain.data.batching import BatchSpec, padded_lengths, plan_epoch, rank_micro_batches
 from lucatrain.data.collate import EVAL_EPOCH, Collator, MaskingConfig
 from lucatrain.data.prepared import PreparedDataset, load_prepared, prepare_or_load
 from lucatrain import checkpoint
@@ -249,7 +249,8 @@ class Trainer:
             _accumulate(window, report)
             self.global_step += 1
             window_steps += 1
-            step_tokens = int(dist.all_reduce_dict({"tokens": report["tokens"]}, self.engine.device)["tokens"])
+            # Every rank knows the whole global batch, so the ledger needs no communication.
+            step_tokens = int(padded_lengths(self.train_data.lengths[batch], self.cfg.data.max_length).sum())
             self.ledger.record_step(self.global_step, epoch, position, position + len(batch),
                                     self.train_data.sample_ids[batch], step_tokens)  # fmt: skip
             maybe_fault("step", self.global_step)
