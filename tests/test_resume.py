@@ -68,7 +68,8 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_exact(tmp_path, reference
     assert (run / "checkpoints" / "latest").exists(), f"killed at step {kill_at}"
     launch(args_for(tmp_path, **config, **{"train.trained_checkpoint": "latest"}), nproc=2)
     log = (run / "logs" / "training.log").read_text()
-    assert f"resumed from {run / 'checkpoints' / f'step-{(kill_at // 3) * 3:06d}'}" in log, kill_at
+    # The fault fires right after step kill_at, before that step's own checkpoint (every 3 steps).
+    assert f"resumed from {run / 'checkpoints' / f'step-{((kill_at - 1) // 3) * 3:06d}'}" in log, kill_at
     assert_same_stream(final_ledger(run), final_ledger(uninterrupted))
     want, got = final_weights(uninterrupted), final_weights(run)
     for name in want:
