@@ -160,7 +160,11 @@ class ModelConfig:
     model_type: str = "lucaone_gplm"
     """Model family (registry name)."""
     model_dirpath: str = ""
-    """Initialise weights from this exported model directory (config.json + model.safetensors)."""
+    """Initialise weights from a lucatrain export (config.json + model.safetensors) or a LucaOne/LucaVirus
+    checkpoint directory (config.json + pytorch.pth; sizes then come from its config.json). With
+    `train.trained_checkpoint`, the run or checkpoint directory to resume from."""
+    init_first_n_layers: bool = False
+    """From a LucaOne checkpoint with more layers than `num_hidden_layers`, take its first N layers."""
     hidden_size: int = 2560
     """Width of the encoder."""
     num_hidden_layers: int = 12

@@ -27,7 +27,8 @@ from lucatrain.checkpoint import maybe_fault, read_valid_manifest
 from lucatrain.engine import Engine, convert_to_universal, init_distributed, peak_memory_bytes
 from lucatrain.models.lora import apply_lora, merge_lora_state_dict
 from lucatrain.models.lucagplm import LucaGPLM, LucaGPLMConfig
-from lucatrain.monitor import Monitor, setup_logging
+from lucatrain.models.lucaone_checkpoint import is_lucaone_checkpoint, model_from_lucaone_checkpoint
+from lucatrain.monitor import Monitor, get_logger, setup_logging
 from lucatrain.progress import Ledger
 from lucatrain.tasks import build_task
 
@@ -67,6 +68,18 @@ def build_model(cfg: Config) -> LucaGPLM:
     """A fresh encoder from the config, or the weights exported at `model.model_dirpath`."""
     m = cfg.model
     if m.model_dirpath and not cfg.train.trained_checkpoint:  # resuming: the checkpoint has the weights
+        if is_lucaone_checkpoint(m.model_dirpath):
+            model, report = model_from_lucaone_checkpoint(
+                m.model_dirpath,
+                first_n_layers=m.init_first_n_layers,
+                gradient_checkpointing=m.gradient_checkpointing,
+                hidden_dropout_prob=m.hidden_dropout_prob,
+                attention_probs_dropout_prob=m.attention_probs_dropout_prob,
+                **({"num_hidden_layers": m.num_hidden_layers} if m.init_first_n_layers else {}),
+            )
+            if dist.is_main():
+                get_logger().info("initialised from LucaOne checkpoint: %s", report.summary())
+            return model
         return LucaGPLM.from_pretrained(m.model_dirpath, gradient_checkpointing=m.gradient_checkpointing)
     config = LucaGPLMConfig(
         hidden_size=m.hidden_size,

@@ -142,3 +142,26 @@ def test_deepspeed_checkpoint_loads_back(tmp_path):
     loaded = fresh.engine.full_state_dict(fresh.model)
     for name, value in exported.items():
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_training_starts_from_a_lucaone_checkpoint(tmp_path):
+    """model_dirpath pointing at a LucaOne checkpoint-step<N>/ sets the sizes and the initial weights."""
+    from test_lucaone_checkpoint import lucaone_config, lucaone_state_dict, write_checkpoint
+
+    from lucatrain.trainer import build_model
+
+    state = lucaone_state_dict(layers=3)
+    write_checkpoint(tmp_path / "checkpoint-step100", state, lucaone_config(layers=3))
+    base = {"model.model_dirpath": tmp_path / "checkpoint-step100", "train.max_steps": 3}
+    model = build_model(load_config("demo_tiny", tiny_overrides(tmp_path, **base)))
+    assert model.config.num_hidden_layers == 3
+    torch.testing.assert_close(model.layers[2].fc1.weight, state["layers.2.fc1.weight"], rtol=0, atol=0)
+    # LucaVirus-style: a 2-layer model from the first 2 layers of the 3-layer checkpoint.
+    smaller = load_config("demo_tiny", tiny_overrides(tmp_path, **base, **{"model.init_first_n_layers": "true"}))
+    model = build_model(smaller)
+    assert model.config.num_hidden_layers == 2
+    torch.testing.assert_close(model.layers[1].fc2.weight, state["layers.1.fc2.weight"], rtol=0, atol=0)
+    # And a short real run starts from it and logs what was loaded and skipped.
+    Trainer(smaller).train()
+    log = (tmp_path / "run" / "logs" / "training.log").read_text()
+    assert "initialised from LucaOne checkpoint" in log and "layers.2." in log
