@@ -475,4 +475,6 @@ def _task_metrics(sums: dict[str, float]) -> dict[str, float]:
 
 
 def run_training(cfg: Config) -> dict:
-    return Trainer(cfg).train()
+    result = Trainer(cfg).train()
+    dist.shutdown()
+    return result
