@@ -12,8 +12,11 @@ def test_defaults_validate():
 
 @pytest.mark.parametrize("name", shipped_recipes())
 def test_every_shipped_recipe_loads_and_validates(name):
-    cfg = load_config(name)
-    cfg.validate()
+    cfg = load_config(name)  # raises ConfigError on any bad key or value
+    assert cfg.validate() is cfg
+    assert cfg.data.max_length <= cfg.model.max_position_embeddings
+    assert cfg.model.hidden_size % cfg.model.num_attention_heads == 0
+    assert set(cfg.tasks.names) <= {"gene_mask", "prot_mask"}
 
 
 def test_lucavirus_recipe_sizes():
