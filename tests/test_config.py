@@ -2,6 +2,7 @@ import pytest
 import yaml
 
 from lucatrain.config import Config, ConfigError, load_config, shipped_recipes
+from lucatrain.tasks import TASK_NAMES
 
 
 def test_defaults_validate():
@@ -16,7 +17,7 @@ def test_every_shipped_recipe_loads_and_validates(name):
     assert cfg.validate() is cfg
     assert cfg.data.max_length <= cfg.model.max_position_embeddings
     assert cfg.model.hidden_size % cfg.model.num_attention_heads == 0
-    assert set(cfg.tasks.names) <= {"gene_mask", "prot_mask"}
+    assert set(cfg.tasks.names) <= set(TASK_NAMES)
 
 
 def test_lucavirus_recipe_sizes():
