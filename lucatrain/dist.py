@@ -56,13 +56,3 @@ def broadcast_object(obj, src: int = 0):
     torch_dist.broadcast_object_list(box, src=src)
     return box[0]
 
-
-def shutdown() -> None:
-    """Leave the process group cleanly: every rank waits for the others, then tears it down.
-
-    Exiting with a live group lets the interpreter destroy gloo's threads in arbitrary order, which
-    has aborted a rank after a finished run ("terminate called without an active exception").
-    """
-    if is_initialized():
-        torch_dist.barrier()
-        torch_dist.destroy_process_group()

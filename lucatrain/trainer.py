@@ -25,6 +25,7 @@ from lucatrain.data.prepared import PreparedDataset, load_prepared, prepare_or_l
 from lucatrain import checkpoint
 from lucatrain.checkpoint import maybe_fault, read_valid_manifest
 from lucatrain.engine import Engine, convert_to_universal, init_distributed, peak_memory_bytes
+from lucatrain.engine import shutdown as engine_shutdown
 from lucatrain.models.lora import apply_lora, merge_lora_state_dict
 from lucatrain.models.lucagplm import LucaGPLM, LucaGPLMConfig
 from lucatrain.models.lucaone_checkpoint import is_lucaone_checkpoint, model_from_lucaone_checkpoint
@@ -476,5 +477,5 @@ def _task_metrics(sums: dict[str, float]) -> dict[str, float]:
 
 def run_training(cfg: Config) -> dict:
     result = Trainer(cfg).train()
-    dist.shutdown()
+    engine_shutdown()
     return result

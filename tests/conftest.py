@@ -48,7 +48,10 @@ def launch(args: list[str], nproc: int, timeout: int = 600, launcher: str = "dee
         cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nproc), "--master_port", str(_free_port()), "--module", "lucatrain", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), "-m", "lucatrain", *args]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        remove_shm_buffers(cmd[cmd.index("--master_port") + 1] if "--master_port" in cmd else None)
     if expect_failure:
         assert result.returncode != 0, "the run was expected to die"
         return result
@@ -69,3 +72,10 @@ def read_history(run: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def remove_shm_buffers(port) -> None:
+    """DeepSpeed's CPU all-reduce buffers of a run on `port` (a SIGKILLed run cannot remove its own)."""
+    if port is not None:
+        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            path.unlink(missing_ok=True)

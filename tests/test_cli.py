@@ -3,10 +3,11 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO, launch, tiny_overrides
+from conftest import REPO, launch, remove_shm_buffers, tiny_overrides
 
 
 def lucatrain(*args, env=None, timeout=300):
@@ -65,6 +66,10 @@ def test_run_scripts_run_tiny_on_cpu(tmp_path, script, nproc):
     env = _tiny_script_env(tmp_path, nproc_per_node=nproc, MASTER_PORT=str(_port()))
     env.pop("CUDA_VISIBLE_DEVICES", None)
     result = subprocess.run(["bash", f"run_scripts/{script}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # A finished run removes DeepSpeed's shared-memory all-reduce buffers (69 MB per rank).
+    leftover = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*"))
+    remove_shm_buffers(env["MASTER_PORT"])
+    assert not leftover, leftover
     assert result.returncode == 0, result.stderr[-4000:]
     log = (tmp_path / "run" / "logs" / "training.log").read_text()
     assert f"world_size={nproc}" in log
@@ -86,6 +91,7 @@ def test_continue_script_resumes_the_mask_run(tmp_path):
     env = _tiny_script_env(tmp_path, nproc_per_node="2", MASTER_PORT=str(_port()))
     env.pop("CUDA_VISIBLE_DEVICES", None)
     first = subprocess.run(["bash", "run_scripts/run_multi_mask_v1.0.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    remove_shm_buffers(env["MASTER_PORT"])
     assert first.returncode == 0, first.stderr[-4000:]
     env.update(max_steps="9", nproc_per_node="1", MASTER_PORT=str(_port()), trained_checkpoint="latest")
     result = subprocess.run(["bash", "run_scripts/run_multi_v1.0_continue.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
