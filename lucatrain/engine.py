@@ -119,9 +119,8 @@ def build_ds_config(cfg, world_size: int) -> dict:
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
     ds.setdefault("steps_per_print", 10**9)  # lucatrain does its own logging
     ds.setdefault("wall_clock_breakdown", False)
-    zero = ds.setdefault("zero_optimization", {"stage": 0})
-    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-    if offload and device().type != "cuda":
+    ds.setdefault("zero_optimization", {"stage": 0})
+    if _offloads_optimizer(ds) and device().type != "cuda":
         # DeepSpeedCPUAdam would need another JIT-built op; torch's AdamW is as good on a CPU host.
         ds["zero_force_ds_cpu_optimizer"] = False
     for key, value in ds.items():
@@ -134,13 +133,16 @@ def _make_optimizer(module: torch.nn.Module, cfg, ds_config: dict) -> torch.opti
     train = cfg.train
     groups = param_groups(module, train.weight_decay)
     kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon)
-    if not ds_config.get("zero_force_ds_cpu_optimizer", True) or "offload_optimizer" not in ds_config.get(
-        "zero_optimization", {}
-    ):
-        return torch.optim.AdamW(groups, **kwargs)
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    if _offloads_optimizer(ds_config) and ds_config.get("zero_force_ds_cpu_optimizer", True):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # what DeepSpeed requires with offload on GPUs
 
-    return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def _offloads_optimizer(ds_config: dict) -> bool:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {})
+    return offload.get("device", "none") not in ("none", None)
 
 
 class Engine:

@@ -51,7 +51,6 @@ def sample_keys(seed: int, epoch: int, sample_ids: np.ndarray) -> np.ndarray:
 # is far finer than any masking probability needs.
 FIELD_BITS = 21
 FIELD_ACTION, FIELD_REPLACEMENT = 22, 1  # bit offsets
-_FIELD_MASK = _U64((1 << FIELD_BITS) - 1)
 
 
 def _threshold(probability: float) -> int:
