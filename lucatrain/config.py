@@ -165,6 +165,10 @@ class ModelConfig:
     `train.trained_checkpoint`, the run or checkpoint directory to resume from."""
     init_first_n_layers: bool = False
     """From a LucaOne checkpoint with more layers than `num_hidden_layers`, take its first N layers."""
+    lucaone_head_tasks: list[str] = field(default_factory=list)
+    """The task of each task head in a LucaOne checkpoint (`classifier_list.<i>`), in order. Empty:
+    inferred from the head count (8: LucaOne v2.0's span, seq and structure tasks in table order;
+    7: LucaVirus v1.0, the same without prot_structure)."""
     hidden_size: int = 2560
     """Width of the encoder."""
     num_hidden_layers: int = 12
@@ -197,14 +201,35 @@ class ModelConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"`model.{name}` must be in [0, 1), got {getattr(self, name)}")
+        from lucatrain.tasks import TASK_NAMES
+
+        for name in self.lucaone_head_tasks:
+            if name not in TASK_NAMES:
+                raise ConfigError(f"`model.lucaone_head_tasks`: unknown task {name!r}; valid tasks are {list(TASK_NAMES)}")
 
 
 @dataclass
 class TasksConfig:
     names: list[str] = field(default_factory=lambda: ["gene_mask", "prot_mask"])
-    """Pretraining tasks to run (exact names; see `lucatrain.tasks.TASK_NAMES`)."""
+    """Pretraining tasks to run, exact names (LucaOne's --pretrain_task_level_name); empty = every task
+    of `level_types`. Tasks: gene_mask, prot_mask (token); gene_type, prot_homo, prot_site, prot_domain
+    (span); gene_taxonomy, prot_taxonomy, prot_keyword (seq); prot_structure (structure)."""
+    level_types: list[str] = field(default_factory=lambda: ["all"])
+    """Task levels to train (LucaOne's --pretrain_task_level_type): token_level, span_level, seq_level,
+    structure_level, or all. Every task in `names` must belong to one of them."""
     weights: dict[str, float] = field(default_factory=dict)
-    """Loss weight per task name (missing = 1.0)."""
+    """Loss weight per task name (missing: LucaVirus's 1.0 for masked-LM, keywords and structure, 0.2 for
+    span and taxonomy tasks). The loss is the weighted sum over tasks."""
+    label_dir: str = ""
+    """Directory of the label files `<task>.txt` (a `label` header line, then one name per line; the
+    class count of a task's head is their number). Empty: `label/` beside the train files' directory,
+    as in LucaOne's dataset layout (<dataset>/train, <dataset>/label)."""
+    classifier_sizes: dict[str, int] = field(default_factory=dict)
+    """Hidden width of a task head (LucaOne's --<task>_classifier_size); missing: the LucaOne v2.0
+    script values (gene_type 128, prot_homo 4096, prot_site 1024, prot_domain 10240, taxonomy and
+    keyword 2048, structure 128)."""
+    classifier_dropout: float = 0.0
+    """Dropout before each task head's hidden layer (LucaOne's scripts: 0)."""
     mask_prob: float = 0.15
     """Fraction of residues selected for masked-LM (at least one per sequence)."""
     mask_token_prob: float = 0.8
@@ -212,17 +237,33 @@ class TasksConfig:
     random_token_prob: float = 0.1
     """Of the selected residues: fraction replaced by a random residue of the same molecule."""
 
+    def selected(self) -> list[str]:
+        """The task names this config trains, in the task table's order."""
+        from lucatrain.tasks.specs import select_tasks
+
+        return select_tasks(self.level_types, self.names)
+
     def validate(self) -> None:
         from lucatrain.tasks import TASK_NAMES
 
-        if not self.names:
-            raise ConfigError("`tasks.names` is empty; choose from " + str(list(TASK_NAMES)))
-        for name in list(self.names) + list(self.weights):
-            if name not in TASK_NAMES:
-                raise ConfigError(f"`tasks.names`: unknown task {name!r}; valid tasks are {list(TASK_NAMES)}")
+        try:
+            chosen = self.selected()
+        except ValueError as err:
+            raise ConfigError(f"`tasks.names` / `tasks.level_types`: {err}") from None
+        if not chosen:
+            raise ConfigError(f"`tasks.names` selects no task; choose from {list(TASK_NAMES)}")
+        for section in ("weights", "classifier_sizes"):
+            for name in getattr(self, section):
+                if name not in TASK_NAMES:
+                    raise ConfigError(f"`tasks.{section}`: unknown task {name!r}; valid tasks are {list(TASK_NAMES)}")
         for name, weight in self.weights.items():
-            if not isinstance(weight, (int, float)) or weight < 0:
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
                 raise ConfigError(f"`tasks.weights.{name}` must be a number >= 0, got {weight!r}")
+        for name, size in self.classifier_sizes.items():
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                raise ConfigError(f"`tasks.classifier_sizes.{name}` must be an integer > 0, got {size!r}")
+        if not 0.0 <= self.classifier_dropout < 1.0:
+            raise ConfigError(f"`tasks.classifier_dropout` must be in [0, 1), got {self.classifier_dropout}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"`tasks.mask_prob` must be in (0, 1), got {self.mask_prob}")
         for name in ("mask_token_prob", "random_token_prob"):

@@ -6,6 +6,7 @@ single plain process (tests, notebooks) and under any launcher.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 
@@ -38,14 +39,25 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_dict(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
-    """Sum a flat dict of numbers over ranks (all ranks must pass the same keys)."""
+def all_reduce_dict(values: dict, device: torch.device | str = "cpu") -> dict:
+    """Sum a flat dict of numbers and 1-D arrays over ranks, in one collective.
+
+    All ranks must pass the same keys with the same shapes. Numbers come back as floats, arrays
+    as float64 numpy arrays.
+    """
     if not values:
         return {}
     keys = sorted(values)
-    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    parts = [np.atleast_1d(np.asarray(values[k], dtype=np.float64)) for k in keys]
+    packed = torch.from_numpy(np.concatenate(parts)).to(device)
     all_reduce_sum(packed)
-    return dict(zip(keys, packed.tolist()))
+    flat = packed.cpu().numpy()
+    out, offset = {}, 0
+    for key, part in zip(keys, parts):
+        chunk = flat[offset : offset + part.size]
+        offset += part.size
+        out[key] = float(chunk[0]) if np.ndim(values[key]) == 0 else chunk.copy()
+    return out
 
 
 def broadcast_object(obj, src: int = 0):

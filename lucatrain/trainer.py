@@ -28,10 +28,17 @@ from lucatrain.engine import Engine, convert_to_universal, init_distributed, pea
 from lucatrain.engine import shutdown as engine_shutdown
 from lucatrain.models.lora import apply_lora, merge_lora_state_dict
 from lucatrain.models.lucagplm import LucaGPLM, LucaGPLMConfig
-from lucatrain.models.lucaone_checkpoint import is_lucaone_checkpoint, model_from_lucaone_checkpoint
+from lucatrain.data.labels import LabelStats
+from lucatrain.models.lucaone_checkpoint import (
+    LoadReport,
+    is_lucaone_checkpoint,
+    load_lucaone_heads,
+    model_from_lucaone_checkpoint,
+)
 from lucatrain.monitor import Monitor, get_logger, setup_logging
 from lucatrain.progress import Ledger
-from lucatrain.tasks import build_task
+from lucatrain.tasks import TASKS, build_task, metrics_from_sums
+from lucatrain.tasks.plan import TaskPlan, plan_tasks
 
 
 class MicroBatches(Dataset):
@@ -67,6 +74,12 @@ def make_loader(dataset: MicroBatches, num_workers: int) -> DataLoader:
 
 def build_model(cfg: Config) -> LucaGPLM:
     """A fresh encoder from the config, or the weights exported at `model.model_dirpath`."""
+    return build_model_with_report(cfg)[0]
+
+
+def build_model_with_report(cfg: Config) -> tuple[LucaGPLM, LoadReport | None]:
+    """`build_model`, plus the LoadReport when the weights came from a LucaOne checkpoint (its task
+    heads wait there for `load_lucaone_heads`)."""
     m = cfg.model
     if m.model_dirpath and not cfg.train.trained_checkpoint:  # resuming: the checkpoint has the weights
         if is_lucaone_checkpoint(m.model_dirpath):
@@ -78,10 +91,8 @@ def build_model(cfg: Config) -> LucaGPLM:
                 attention_probs_dropout_prob=m.attention_probs_dropout_prob,
                 **({"num_hidden_layers": m.num_hidden_layers} if m.init_first_n_layers else {}),
             )
-            if dist.is_main():
-                get_logger().info("initialised from LucaOne checkpoint: %s", report.summary())
-            return model
-        return LucaGPLM.from_pretrained(m.model_dirpath, gradient_checkpointing=m.gradient_checkpointing)
+            return model, report
+        return LucaGPLM.from_pretrained(m.model_dirpath, gradient_checkpointing=m.gradient_checkpointing), None
     config = LucaGPLMConfig(
         hidden_size=m.hidden_size,
         num_hidden_layers=m.num_hidden_layers,
@@ -93,7 +104,7 @@ def build_model(cfg: Config) -> LucaGPLM:
         token_dropout=m.token_dropout,
         gradient_checkpointing=m.gradient_checkpointing,
     )
-    return LucaGPLM(config)
+    return LucaGPLM(config), None
 
 
 def load_data(files: list[str], cfg: Config) -> PreparedDataset:
@@ -141,17 +152,26 @@ class Trainer:
 
         self.train_data = load_data(cfg.data.train_files, cfg)
         self.dev_data = load_data(cfg.data.dev_files, cfg) if cfg.data.dev_files else None
-        self.model = build_model(cfg)
+        self.plan = self.plan_tasks()
+        self.model, lucaone_report = build_model_with_report(cfg)
         num_params = self.model.num_parameters()  # before ZeRO-3 partitions the parameters away
         if cfg.lora.enabled:
             lora = cfg.lora
             self.model = apply_lora(self.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
-        self.task = build_task(self.model, cfg.tasks.names, cfg.tasks.weights)
+        t = cfg.tasks
+        self.task = build_task(self.model, self.plan.names, t.weights, self.plan.num_labels, t.classifier_sizes, t.classifier_dropout)
+        if lucaone_report is not None:
+            load_lucaone_heads(lucaone_report, self.task.heads, cfg.model.lucaone_head_tasks or None)
+            self.logger.info("initialised from LucaOne checkpoint: %s", lucaone_report.summary())
         self.resume_from = self.find_resume_checkpoint() if cfg.train.trained_checkpoint else None
         written_by = read_valid_manifest(self.resume_from)["world_size"] if self.resume_from else dist.world_size()
         self.engine = Engine(self.task, cfg, load_universal=written_by != dist.world_size())
         masking = MaskingConfig(cfg.tasks.mask_prob, cfg.tasks.mask_token_prob, cfg.tasks.random_token_prob)
-        self.collator = Collator(cfg.data.max_length, cfg.data.truncation, masking, cfg.train.seed)
+        self.collator = Collator(cfg.data.max_length, cfg.data.truncation, masking, cfg.train.seed,
+                                 self.plan.label_tasks, self.plan.num_labels)  # fmt: skip
+        # Records of a molecule no trained task scores are left out (a protein-only run on mixed data).
+        self.train_rows = _rows_of_types(self.train_data, self.plan.obj_types)
+        self.dev_rows = _rows_of_types(self.dev_data, self.plan.obj_types) if self.dev_data else None
 
         self.world_size, self.rank = dist.world_size(), dist.rank()
         self.accumulation = cfg.train.gradient_accumulation_steps
@@ -167,25 +187,40 @@ class Trainer:
         self.ledger = Ledger()
         self.history: list[dict] = []  # every logged window of this process, for tests and plots
         self.logger.info(
-            "world_size=%d params=%.2fM train_records=%d dev_records=%d zero_stage=%d precision=%s",
+            "world_size=%d params=%.2fM (+%.2fM in task heads) train_records=%d dev_records=%d zero_stage=%d precision=%s",
             self.world_size,
             num_params / 1e6,
-            len(self.train_data),
-            len(self.dev_data) if self.dev_data else 0,
+            sum(p.numel() for p in self.task.heads.parameters()) / 1e6,
+            len(self.train_rows),
+            len(self.dev_rows) if self.dev_data else 0,
             self.engine.zero_stage,
             cfg.deepspeed.precision,
         )
         if self.resume_from is not None:
             self.restore(self.resume_from, written_by)
 
+    def plan_tasks(self) -> TaskPlan:
+        """The tasks this run trains (`tasks.plan`), checked against the label files and the data."""
+        cfg = self.cfg
+        stats = LabelStats(self.train_data.meta.get("labels"))
+        dev_stats = LabelStats(self.dev_data.meta.get("labels")) if self.dev_data else None
+        plan = plan_tasks(cfg.tasks.selected(), cfg.tasks.label_dir, cfg.data.train_files, stats, dev_stats)
+        self.logger.info("tasks: %s", ", ".join(f"{n} ({plan.num_labels[n]} labels)" if n in plan.num_labels else n
+                                                 for n in plan.names))  # fmt: skip
+        for name, why in plan.dropped.items():
+            self.logger.warning("task %s is not trained: %s", name, why)
+        if plan.unknown_label_keys:
+            self.logger.warning("label entries that name no task are ignored: %s (tasks: %s)",
+                                plan.unknown_label_keys, list(TASKS))  # fmt: skip
+        return plan
+
     # ------------------------------------------------------------------ data stream
 
     def epoch_plan(self, epoch: int, exclude_ids: np.ndarray | None = None) -> list[np.ndarray]:
-        """Global batches (row indices) of `epoch`, optionally over only the rows not in `exclude_ids`."""
-        data = self.train_data
-        if exclude_ids is None or len(exclude_ids) == 0:
-            return plan_epoch(data.lengths, self.spec, self.cfg.train.seed, epoch, data.fingerprint)
-        rows = np.flatnonzero(~np.isin(data.sample_ids, exclude_ids))  # by id column only: no record is read
+        """Global batches (row indices) of `epoch` over the trainable rows not in `exclude_ids`."""
+        data, rows = self.train_data, self.train_rows
+        if exclude_ids is not None and len(exclude_ids):
+            rows = rows[~np.isin(data.sample_ids[rows], exclude_ids)]  # by id column only: no record is read
         batches = plan_epoch(data.lengths[rows], self.spec, self.cfg.train.seed, epoch, data.fingerprint)
         return [rows[b] for b in batches]
 
@@ -196,7 +231,8 @@ class Trainer:
         prefix is 0 unless a resume found the data or the batch definition changed mid-epoch, in which
         case the samples consumed so far are excluded from a fresh plan of the rest.
         """
-        key = {"seed": self.cfg.train.seed, "fingerprint": self.train_data.fingerprint, **self.spec.order_key()}
+        key = {"seed": self.cfg.train.seed, "fingerprint": self.train_data.fingerprint, **self.spec.order_key(),
+               "obj_types": self.plan.obj_types}  # fmt: skip
         ledger = self.ledger
         resuming = ledger.epoch == epoch and ledger.cursor > 0
         if not resuming:
@@ -235,7 +271,7 @@ class Trainer:
             self.ledger.start_epoch(epoch, key, self.train_data.fingerprint)
             if epoch == 0 and position == 0 and not batches:
                 raise ValueError(
-                    f"the training set ({len(self.train_data)} records) is smaller than one global batch "
+                    f"the training set ({len(self.train_rows)} records) is smaller than one global batch "
                     f"({self.spec.micro_batches_per_step} micro-batches); lower train.batch_size or add data"
                 )
             micro_batches = MicroBatches(self.train_data, batches, self.collator, epoch, self.world_size, self.rank, self.accumulation)
@@ -273,7 +309,7 @@ class Trainer:
             if self.global_step % cfg.loss_logging_steps == 0 or self.global_step == total:
                 summed = dist.all_reduce_dict(window, self.engine.device)
                 elapsed = time.perf_counter() - window_start
-                scalars = _task_metrics(summed)
+                scalars = metrics_from_sums(summed)
                 scalars["loss"] = self.weighted_loss(scalars)
                 scalars["lr"] = self.engine.lr()
                 scalars["tokens_per_s"] = summed["tokens"] / elapsed
@@ -326,7 +362,7 @@ class Trainer:
             loss, report = self.engine(to_device(mb, self.engine.device), totals)
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed updates only at the accumulation boundary
-            _accumulate(summed, {k: float(v) for k, v in report.items()})
+            _accumulate(summed, _numbers(report))
             _accumulate(summed, {"tokens": float(mb["num_tokens"]), "samples": float(len(mb["sample_ids"]))})
         return summed
 
@@ -339,13 +375,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Per-task dev loss and masked-token accuracy; fixed masks, so numbers compare across steps."""
-        if self.dev_data is None:
+        if self.dev_data is None or len(self.dev_rows) == 0:
             return {}
-        n = len(self.dev_data)
+        n = len(self.dev_rows)
         per_rank = max(1, math.ceil(n / (self.world_size * self.cfg.train.batch_size)))
         # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
-        parts = np.array_split(np.arange(n), self.world_size * per_rank)
-        mine = [p if len(p) else np.arange(1) for p in parts[self.rank :: self.world_size]]
+        parts = np.array_split(self.dev_rows, self.world_size * per_rank)
+        mine = [p if len(p) else self.dev_rows[:1] for p in parts[self.rank :: self.world_size]]
         empty = [len(p) == 0 for p in parts[self.rank :: self.world_size]]
         self.engine.eval()
         sums: dict[str, float] = {}
@@ -354,9 +390,9 @@ class Trainer:
             local = {k: float(v) for k, v in self.task.count_targets(batch).items()}
             _, report = self.engine(batch, local)
             if not is_padding:
-                _accumulate(sums, {k: float(v) for k, v in report.items()})
+                _accumulate(sums, _numbers(report))
         self.engine.train()
-        metrics = _task_metrics(dist.all_reduce_dict(sums, self.engine.device))
+        metrics = metrics_from_sums(dist.all_reduce_dict(sums, self.engine.device))
         metrics["loss"] = self.weighted_loss(metrics)
         return metrics
 
@@ -370,7 +406,7 @@ class Trainer:
         if key not in metrics:
             raise ValueError(f"`train.best_metric={key}` is not an eval metric; available: {sorted(metrics)}")
         value = metrics[key]
-        higher_is_better = "acc" in key
+        higher_is_better = key.endswith(("acc", "f1"))
         better = self.best_metric is None or (value > self.best_metric if higher_is_better else value < self.best_metric)
         if better:
             self.best_metric = value
@@ -395,6 +431,8 @@ class Trainer:
                 "world_size": self.world_size,
                 "train_data": str(self.train_data.path),
                 "fingerprint": self.train_data.fingerprint,
+                "tasks": self.plan.names,
+                "num_labels": self.plan.num_labels,
             }
             (stage / "trainer_state.json").write_text(json.dumps(state, indent=1))
             self.ledger.save(stage / "ledger")
@@ -417,6 +455,14 @@ class Trainer:
 
     def restore(self, path: Path, written_by: int) -> None:
         """Model, optimizer, scheduler, counters, ledger and RNG from a committed checkpoint."""
+        state = json.loads((path / "trainer_state.json").read_text())
+        trained = (state.get("tasks", self.plan.names), state.get("num_labels", self.plan.num_labels))
+        if trained != (self.plan.names, self.plan.num_labels):
+            raise ValueError(
+                f"{path} was trained with tasks {trained[0]} (label counts {trained[1]}); this run has "
+                f"{self.plan.names} ({self.plan.num_labels}). Resume with the same tasks and label files, or "
+                "start a new run from its export with `model.model_dirpath`."
+            )
         load_dir = path
         if written_by != self.world_size:
             # ZeRO shards are cut per rank: convert to DeepSpeed's universal form, then load that.
@@ -427,7 +473,6 @@ class Trainer:
                 convert_to_universal(path, DS_TAG, load_dir)
             dist.barrier()
         self.engine.load(load_dir, DS_TAG)
-        state = json.loads((path / "trainer_state.json").read_text())
         self.global_step = state["global_step"]
         self.best_metric = state["best_metric"]
         self.ledger = Ledger.load(path / "ledger")
@@ -461,18 +506,14 @@ def _accumulate(into: dict[str, float], values: dict[str, float]) -> None:
         into[key] = into.get(key, 0.0) + value
 
 
-def _task_metrics(sums: dict[str, float]) -> dict[str, float]:
-    """{'gene_mask/loss_sum', '/count', '/correct'} -> {'gene_mask/loss', 'gene_mask/acc'}."""
-    out = {}
-    for key in sorted(sums):
-        if not key.endswith("/count"):
-            continue
-        name = key[: -len("/count")]
-        count = sums[key]
-        if count > 0:
-            out[f"{name}/loss"] = sums[f"{name}/loss_sum"] / count
-            out[f"{name}/acc"] = sums[f"{name}/correct"] / count
-    return out
+def _numbers(report: dict[str, torch.Tensor]) -> dict:
+    """A Task report as Python floats (scalars) and numpy arrays (per-label vectors)."""
+    return {k: v.item() if v.ndim == 0 else v.detach().cpu().numpy().astype(np.float64) for k, v in report.items()}
+
+
+def _rows_of_types(data: PreparedDataset, obj_types: list[int]) -> np.ndarray:
+    """Row indices of the records whose molecule type is in `obj_types`."""
+    return np.flatnonzero(np.isin(data.obj_types, obj_types))
 
 
 def run_training(cfg: Config) -> dict:

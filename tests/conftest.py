@@ -79,3 +79,46 @@ def remove_shm_buffers(port) -> None:
     if port is not None:
         for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
             path.unlink(missing_ok=True)
+
+
+def all_tasks_dataset(directory: Path, genes: int = 12, proteins: int = 12) -> Path:
+    """A LucaOne-layout dataset (<dir>/train/train.csv, <dir>/label/) where every task has labels.
+
+    Real records from the shipped sample, genes and proteins alternating. The sample has no gene_type,
+    prot_homo or prot_structure labels, so those are added: one span per record and a helix of
+    CA-like coordinates per protein (test labels on real sequences; their values do not matter here).
+    """
+    import csv
+    import json
+    import math
+
+    rows = list(csv.DictReader(open(LUCAONE_TRAIN, encoding="utf-8")))
+    gene_rows = [r for r in rows if r["obj_type"] == "gene" and "gene_taxonomy" in r["obj_label"]][:genes]
+    prot_rows = [r for r in rows if r["obj_type"] == "prot" and ("prot_site" in r["obj_label"] or "prot_domain" in r["obj_label"])][:proteins]
+    for k, row in enumerate(gene_rows):
+        label = json.loads(row["obj_label"])
+        label.setdefault("span_level", {})["gene_type"] = [[0, min(40, len(row["obj_seq"]) - 1), k % 3]]
+        row["obj_label"] = json.dumps(label)
+    for k, row in enumerate(prot_rows):
+        label = json.loads(row["obj_label"])
+        label.setdefault("span_level", {})["prot_homo"] = [[2, min(30, len(row["obj_seq"]) - 1), k % 4]]
+        helix = [[round(2.3 * math.cos(i * 1.75), 3), round(2.3 * math.sin(i * 1.75), 3), round(1.5 * i, 3)]
+                 for i in range(len(row["obj_seq"]))]  # fmt: skip
+        label["structure_level"] = {"prot_structure": helix}
+        row["obj_label"] = json.dumps(label)
+    mixed = [r for pair in zip(gene_rows, prot_rows) for r in pair]
+    train = directory / "train" / "train.csv"
+    train.parent.mkdir(parents=True, exist_ok=True)
+    with open(train, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["obj_id", "obj_type", "obj_seq", "obj_label"])
+        writer.writeheader()
+        writer.writerows(mixed)
+    shutil.copytree(LUCAONE_TRAIN.parents[1] / "label", directory / "label")
+    (directory / "label" / "gene_type.txt").write_text("label\nCDS\nrRNA\ntRNA\n", encoding="utf-8")
+    (directory / "label" / "prot_homo.txt").write_text("label\nH0\nH1\nH2\nH3\n", encoding="utf-8")
+    return train
+
+
+ALL_TASKS = ["gene_mask", "prot_mask", "gene_type", "prot_homo", "prot_site", "prot_domain",
+             "gene_taxonomy", "prot_taxonomy", "prot_keyword", "prot_structure"]  # fmt: skip
+SMALL_HEADS = "{" + ", ".join(f"{t}: 16" for t in ALL_TASKS[2:]) + "}"

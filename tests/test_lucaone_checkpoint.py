@@ -15,7 +15,9 @@ from lucatrain.models.lucagplm import LucaGPLM, LucaGPLMConfig
 from lucatrain.models.lucaone_checkpoint import (
     LoadReport,
     is_lucaone_checkpoint,
+    infer_head_tasks,
     load_lucaone_checkpoint,
+    load_lucaone_heads,
     lucaone_config_to_kwargs,
     model_from_lucaone_checkpoint,
     read_lucaone_state_dict,
@@ -24,13 +26,15 @@ from lucatrain.models.lucaone_checkpoint import (
 H, HEADS, V = 32, 4, 39
 HEAD_DIM, F_DIM = H // HEADS, 4 * H
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
-HEAD_KEYS = {  # LucaOne-style pretraining task heads: never part of the encoder
-    "gene_taxonomy.hidden_layer.weight": (16, H),
-    "gene_taxonomy.classifier.weight": (10, 16),
-    "gene_taxonomy.classifier.bias": (10,),
-    "prot_keyword.output.weight": (7, H),
-    "prot_keyword.output.bias": (7,),
-}
+# LucaOne's pretraining task heads, as its code stores them: flat ModuleLists where head i belongs
+# to the i-th label task of that run (here gene_taxonomy with 10 labels, prot_keyword with 7).
+HEAD_KEYS = {
+    "hidden_layer_list.0.weight": (16, H), "hidden_layer_list.0.bias": (16,),
+    "classifier_list.0.weight": (10, 16), "classifier_list.0.bias": (10,),
+    "hidden_layer_list.1.weight": (8, H), "hidden_layer_list.1.bias": (8,),
+    "classifier_list.1.weight": (7, 8), "classifier_list.1.bias": (7,),
+}  # fmt: skip
+HEAD_TASKS = ["gene_taxonomy", "prot_keyword"]
 
 
 def lucaone_config(layers=3, **extra) -> dict:
@@ -289,15 +293,59 @@ def test_other_shape_mismatch_names_key_and_shapes(ckpt):
         load_lucaone_checkpoint(directory, model, first_n_layers=True)  # the flag forgives depth only
 
 
-def test_head_label_counts_report_size_mismatch(ckpt):
+def run_heads(num_labels, sizes=None):
+    """This run's task heads for gene_taxonomy and prot_keyword (a PretrainTask's `heads`)."""
+    from lucatrain.tasks import build_task
+
+    sizes = sizes or {"gene_taxonomy": 16, "prot_keyword": 8}
+    encoder = LucaGPLM(LucaGPLMConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=HEADS))
+    return build_task(encoder, ["gene_mask", *num_labels], num_labels=num_labels, classifier_sizes=sizes).heads
+
+
+def test_task_heads_load_when_task_and_shapes_match(ckpt):
+    directory, sd = ckpt
+    _, report = model_from_lucaone_checkpoint(directory)
+    assert set(report.skipped_heads) == set(HEAD_KEYS)  # the encoder alone takes none of them
+    heads = run_heads({"gene_taxonomy": 10, "prot_keyword": 7})
+    load_lucaone_heads(report, heads, HEAD_TASKS)
+    assert report.loaded_heads == {"gene_taxonomy": 0, "prot_keyword": 1} and report.skipped_heads == {}
+    torch.testing.assert_close(heads["gene_taxonomy"].classifier.weight.detach(), sd["classifier_list.0.weight"])
+    torch.testing.assert_close(heads["prot_keyword"].hidden_layer.bias.detach(), sd["hidden_layer_list.1.bias"])
+    assert "gene_taxonomy (checkpoint head 0)" in report.summary()
+
+
+def test_task_head_with_another_label_count_is_skipped_with_the_shapes(ckpt):
+    directory, sd = ckpt
+    _, report = model_from_lucaone_checkpoint(directory)
+    heads = run_heads({"gene_taxonomy": 5, "prot_keyword": 7})
+    before = heads["gene_taxonomy"].classifier.weight.detach().clone()
+    load_lucaone_heads(report, heads, HEAD_TASKS)
+    assert report.loaded_heads == {"prot_keyword": 1}
+    assert set(report.skipped_heads) == {k for k in HEAD_KEYS if ".0." in k}
+    reason = report.skipped_heads["classifier_list.0.weight"]
+    assert "gene_taxonomy" in reason and "(10, 16) in the checkpoint vs (5, 16) here" in reason
+    torch.testing.assert_close(heads["gene_taxonomy"].classifier.weight.detach(), before)  # untouched
+
+
+def test_task_heads_of_untrained_or_unknown_tasks_are_reported(ckpt):
     directory, _ = ckpt
-    _, report = model_from_lucaone_checkpoint(directory, head_label_counts={"gene_taxonomy": 5, "prot_keyword": 7})
-    assert set(report.skipped_heads) == set(HEAD_KEYS)
-    reason = report.skipped_heads["gene_taxonomy.classifier.weight"]
-    assert "output size 10" in reason and "label count 5" in reason
-    assert "label count" not in report.skipped_heads["gene_taxonomy.hidden_layer.weight"]
-    assert "label count" not in report.skipped_heads["prot_keyword.output.weight"]  # 7 == 7
-    assert "output size 10" in report.summary()
+    _, report = model_from_lucaone_checkpoint(directory)
+    heads = run_heads({"prot_keyword": 7})
+    load_lucaone_heads(report, heads, None)  # 2 heads: which tasks they are cannot be inferred
+    assert report.loaded_heads == {}
+    assert all("model.lucaone_head_tasks" in r for r in report.skipped_heads.values())
+    load_lucaone_heads(report, heads, HEAD_TASKS)
+    assert report.loaded_heads == {"prot_keyword": 1}
+    assert "this run does not train gene_taxonomy" in report.skipped_heads["hidden_layer_list.0.weight"]
+    with pytest.raises(ValueError, match="names 3 tasks but .* holds 2 task heads"):
+        load_lucaone_heads(report, heads, ["gene_type", *HEAD_TASKS])
+
+
+def test_lucavirus_head_order_is_inferred():
+    assert infer_head_tasks(7) == ["gene_type", "prot_homo", "prot_site", "prot_domain", "gene_taxonomy",
+                                   "prot_taxonomy", "prot_keyword"]  # fmt: skip
+    assert infer_head_tasks(8)[-1] == "prot_structure"
+    assert infer_head_tasks(3) is None
 
 
 def test_lucaone_config_to_kwargs_and_overrides(ckpt):

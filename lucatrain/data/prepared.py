@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from lucatrain.data import alphabet
+from lucatrain.data.labels import LabelStats
 from lucatrain.data.sources import (
     FORMATS,
     RecordError,
@@ -37,7 +38,7 @@ from lucatrain.data.sources import (
     list_input_files,
 )
 
-PREPARED_VERSION = 1
+PREPARED_VERSION = 2  # 2: labels checked against the task table, per-task stats in meta.json
 BAD_RECORD_POLICIES = ("fail", "skip")
 
 DATA_FILE = "data.arrow"
@@ -128,6 +129,7 @@ class _BatchWriter:
         self.num_rows = 0
         self.residues = 0
         self.type_counts = {alphabet.GENE: 0, alphabet.PROT: 0}
+        self.label_stats = {alphabet.GENE: LabelStats(), alphabet.PROT: LabelStats()}
 
     def add(self, record, sample_id: int) -> None:
         cols = self._columns
@@ -141,6 +143,7 @@ class _BatchWriter:
         self._chars += len(record.seq)
         self.residues += len(record.seq)
         self.type_counts[record.obj_type] += 1
+        self.label_stats[record.obj_type].add(record.label_max)
         self.num_rows += 1
         if len(cols["sample_id"]) >= _BATCH_ROWS or self._chars >= _BATCH_CHARS:
             self.flush()
@@ -214,6 +217,8 @@ def _write_records(files: list[Path], staging: Path, options: dict) -> dict:
             "prot": writer.type_counts[alphabet.PROT],
         },
         "total_residues": writer.residues,
+        # Per task: records carrying it and the largest label index (checked against label files at start).
+        "labels": {**writer.label_stats[alphabet.GENE].to_json(), **writer.label_stats[alphabet.PROT].to_json()},
     }
 
 

@@ -25,10 +25,11 @@ import io
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lucatrain.data import alphabet
+from lucatrain.data.labels import check_labels
 
 FORMATS = ("lucaone_csv", "fasta", "swissprot", "parquet", "jsonl")
 
@@ -94,6 +95,8 @@ class Record:
     """1-based line where the record starts (Parquet: 1-based row number)."""
     index: int
     """0-based record index within its file; bad records are counted too."""
+    label_max: dict = field(default_factory=dict, compare=False)
+    """Task -> largest label index this record uses (from `labels.check_labels`), for meta.json."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,12 +213,17 @@ def parse_labels(value) -> str:
     None, "" and "{}" give "{}". Raises ValueError if the value is not a dict. Uses
     `ast.literal_eval`, which only accepts literals, never `eval`.
     """
+    return json.dumps(parse_label_dict(value), sort_keys=True, separators=(",", ":"))
+
+
+def parse_label_dict(value) -> dict:
+    """The label dict of an `obj_label` field (see `parse_labels`); {} when empty."""
     if value is None:
-        return "{}"
+        return {}
     if isinstance(value, str):
         text = value.strip()
         if not text or text == "{}":
-            return "{}"
+            return {}
         try:
             value = json.loads(text)
         except ValueError:
@@ -231,7 +239,8 @@ def parse_labels(value) -> str:
     if not isinstance(value, dict):
         raise ValueError(f"obj_label must be a dict, got {type(value).__name__}")
     try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+        # Round-trip through JSON: what is stored must read back as the same plain JSON values.
+        return json.loads(json.dumps(value, sort_keys=True))
     except (TypeError, ValueError) as e:  # sets, bytes, mixed-type keys, ...
         raise ValueError(f"obj_label is not JSON-serialisable: {e}") from None
 
@@ -277,10 +286,12 @@ def _make_record(path, line, index, obj_id, obj_type, seq, labels) -> Record | R
         obj_id = _check_obj_id(obj_id)
         obj_type = _parse_obj_type(obj_type)
         seq = _check_seq(seq, obj_type)
-        labels = parse_labels(labels)
+        label_dict = parse_label_dict(labels)
+        label_max = check_labels(label_dict, obj_type, len(seq))
     except ValueError as e:
         return RecordError(path, line, str(e))
-    return Record(obj_id, obj_type, seq, labels, str(path), line, index)
+    labels = json.dumps(label_dict, sort_keys=True, separators=(",", ":"))
+    return Record(obj_id, obj_type, seq, labels, str(path), line, index, label_max)
 
 
 # --------------------------------------------------------------------------------------------

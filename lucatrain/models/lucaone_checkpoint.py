@@ -10,8 +10,11 @@ bookkeeping, collected in a `LoadReport`:
 
 - encoder keys with the model's shape are loaded; `lm_head.weight` is the same Parameter as
   `embed_tokens.weight` and is loaded once;
-- keys that are not part of the encoder (the pretraining task heads: `...classifier...`,
-  `...hidden_layer...`, `...output...`, or anything else) are skipped and reported;
+- LucaOne's pretraining task heads (`hidden_layer_list.<i>.*`, `classifier_list.<i>.*`; head i is
+  the i-th label task of that run, see `lucaone_head_tasks`) are kept aside in the report and loaded
+  into the new run's heads by `load_lucaone_heads` when the task and every shape match; any other
+  head is skipped with the reason;
+- keys that are not part of the encoder nor a head are skipped and reported;
 - encoder keys absent from the checkpoint keep their initial values and are reported as missing;
 - a shape mismatch is an error, except a checkpoint with MORE layers than the model when
   `first_n_layers=True`: the model then takes the checkpoint's first N layers (as LucaVirus was
@@ -35,6 +38,9 @@ STATE_DICT_NAME = "pytorch.pth"
 DDP_PREFIX = "module."
 EMBED_KEY = "embed_tokens.weight"
 HEAD_MARKERS = ("classifier", "hidden_layer", "output")  # name parts of LucaOne's task-head modules
+# LucaOne keeps its heads in flat ModuleLists: hidden_layer_list.<i> (C x H) and classifier_list.<i> (K x C).
+_HEAD_KEY = re.compile(r"^(hidden_layer_list|classifier_list)\.(\d+)\.(weight|bias)$")
+_HEAD_MODULES = {"hidden_layer_list": "hidden_layer", "classifier_list": "classifier"}
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 _INV_FREQ_SUFFIX = "self_attn.rot_emb.inv_freq"
 # config.json keys that change the forward pass without changing any tensor's shape.
@@ -51,6 +57,8 @@ class LoadReport:
     loaded: checkpoint keys (prefix stripped) whose values are now in the model.
     missing: encoder keys the checkpoint lacks; they keep their initial values.
     skipped_heads: checkpoint key -> why it was not loaded (task heads, modules the model lacks).
+    loaded_heads: task -> checkpoint head index, for heads `load_lucaone_heads` loaded.
+    head_state: the checkpoint's task-head tensors, kept for `load_lucaone_heads` (not summarised).
     unused_layers: keys of checkpoint layers beyond the model's depth (only with first_n_layers).
     messages: notes worth a log line (tying, config differences, the prefix that was stripped).
     """
@@ -58,6 +66,8 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     skipped_heads: dict[str, str] = field(default_factory=dict)
+    loaded_heads: dict[str, int] = field(default_factory=dict)
+    head_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     unused_layers: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     source: str = ""
@@ -71,6 +81,8 @@ class LoadReport:
         if self.missing:
             lines.append(f"Missing from the checkpoint, left at their initial values ({len(self.missing)}): "
                          + ", ".join(self.missing))  # fmt: skip
+        if self.loaded_heads:
+            lines.append("Loaded task heads: " + ", ".join(f"{t} (checkpoint head {i})" for t, i in self.loaded_heads.items()))
         if self.skipped_heads:
             lines.append(f"Skipped task-head / non-encoder keys ({len(self.skipped_heads)}):")
             lines.extend(f"  {key}: {reason}" for key, reason in self.skipped_heads.items())
@@ -182,14 +194,12 @@ def load_lucaone_checkpoint(
     model: LucaGPLM,
     *,
     first_n_layers: bool = False,
-    head_label_counts: dict[str, int] | None = None,
 ) -> LoadReport:
     """Load a LucaOne/LucaVirus `checkpoint-step<N>/` directory into `model` (see the module doc).
 
     first_n_layers: allow a checkpoint with more layers than `model`; its first N layers are used.
-    head_label_counts: task name -> label count of the new run. Task heads are not loaded yet; with
-        this mapping, a head whose output size differs from the run's label count says so in its
-        skip reason.
+    Task heads are not loaded here (the model is the encoder only): they wait in `report.head_state`
+    for `load_lucaone_heads`.
     Raises FileNotFoundError (naming the path) for a missing file and ValueError for anything that
     does not fit: hidden size or heads, layer counts, a tensor's shape (naming the key and shapes).
     """
@@ -234,8 +244,11 @@ def load_lucaone_checkpoint(
                 mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {expected[key]}")
             else:
                 to_load[key] = tensor
+        elif _HEAD_KEY.match(key):
+            report.head_state[key] = tensor
+            report.skipped_heads[key] = "task head: not loaded (no matching task head in this run)"
         else:
-            report.skipped_heads[key] = _skip_reason(key, tensor, head_label_counts, ckpt_config, model_config)
+            report.skipped_heads[key] = _skip_reason(key, ckpt_config, model_config)
     if mismatched:
         raise ValueError(f"{weights_path} does not fit the model (shape mismatches): " + "; ".join(mismatched))
 
@@ -278,7 +291,6 @@ def model_from_lucaone_checkpoint(
     directory,
     *,
     first_n_layers: bool = False,
-    head_label_counts: dict[str, int] | None = None,
     **overrides,
 ) -> tuple[LucaGPLM, LoadReport]:
     """Build a `LucaGPLM` sized from the checkpoint's config.json (`overrides` win, e.g.
@@ -294,8 +306,7 @@ def model_from_lucaone_checkpoint(
                                 f"(a LucaOne checkpoint directory holds config.json and pytorch.pth)")  # fmt: skip
     kwargs = {**lucaone_config_to_kwargs(read_lucaone_config(directory)), **overrides}
     model = LucaGPLM(LucaGPLMConfig(**kwargs))
-    report = load_lucaone_checkpoint(directory, model, first_n_layers=first_n_layers,
-                                     head_label_counts=head_label_counts)  # fmt: skip
+    report = load_lucaone_checkpoint(directory, model, first_n_layers=first_n_layers)
     return model, report
 
 
@@ -321,28 +332,78 @@ def _check_width(ckpt_config: dict, model_config: LucaGPLMConfig, config_path: P
         )
 
 
-def _skip_reason(key: str, tensor: torch.Tensor, head_label_counts, ckpt_config: dict,
-                 model_config: LucaGPLMConfig) -> str:  # fmt: skip
+def _skip_reason(key: str, ckpt_config: dict, model_config: LucaGPLMConfig) -> str:
     parts = key.split(".")
     if parts[0].startswith("embed_") or parts[0] in ("last_layer_norm", "lm_head", "layers"):
         flags = {f: ckpt_config[f] for f in _FORWARD_FLAGS
                  if f in ckpt_config and ckpt_config[f] != getattr(model_config, f)}  # fmt: skip
         return ("encoder weight of a module this model does not have (checkpoint config.json differs: "
                 f"{flags or 'no documented flag'})")  # fmt: skip
-    is_head = any(marker in p for p in parts for marker in HEAD_MARKERS)
-    if head_label_counts:
-        task = next((p for p in parts if p in head_label_counts), None)
-        if task is not None:
-            is_final = any(p in ("classifier", "output") for p in parts) and tensor.ndim >= 1
-            if is_final and tensor.shape[0] != head_label_counts[task]:
-                return (f"task head of {task!r}: output size {tensor.shape[0]} in the checkpoint differs from "
-                        f"this run's label count {head_label_counts[task]}")  # fmt: skip
-            return f"task head of {task!r}: lucatrain does not load task heads yet"
-        if is_head:
-            return "task head of a task not in head_label_counts"
-    if is_head:
-        return "task head: lucatrain does not load task heads yet"
+    if any(marker in p for p in parts for marker in HEAD_MARKERS):
+        return "task head in a layout lucatrain does not map to a task"
     return "not part of the encoder"
+
+
+def infer_head_tasks(num_heads: int) -> list[str] | None:
+    """The tasks of a LucaOne checkpoint's head lists, in order, when its head count identifies them.
+
+    LucaOne builds its head lists in task-table order over the tasks it trained (span level, then
+    seq level, then structure level). 8 heads: the full LucaOne v2.0 set; 7: LucaVirus v1.0 (the
+    same without prot_structure). Any other count is ambiguous: None (set `model.lucaone_head_tasks`).
+    """
+    from lucatrain.tasks.specs import MLM, TASKS
+
+    every = [name for name, spec in TASKS.items() if spec.output_mode != MLM]
+    return {len(every): every, len(every) - 1: [n for n in every if n != "prot_structure"]}.get(num_heads)
+
+
+def load_lucaone_heads(report: LoadReport, heads, head_tasks: list[str] | None = None) -> None:
+    """Copy the checkpoint's task heads (kept in `report.head_state`) into this run's `heads`.
+
+    heads: task name -> module with `hidden_layer` and `classifier` Linear layers (this run's heads).
+    head_tasks: the task of each checkpoint head index, in order; None infers it (`infer_head_tasks`).
+    A head loads only when its task is trained here and both layers' shapes match (same classifier
+    size, same label count); otherwise every one of its keys keeps a skip reason saying why.
+    """
+    indices = sorted({int(_HEAD_KEY.match(k).group(2)) for k in report.head_state})
+    if not indices:
+        return
+    order = list(head_tasks) if head_tasks else infer_head_tasks(len(indices))
+    if order is None:
+        for key in report.head_state:
+            report.skipped_heads[key] = (f"task head: the checkpoint has {len(indices)} heads, which does not tell "
+                                         "which task each is; set `model.lucaone_head_tasks` to their task names "
+                                         "in order")  # fmt: skip
+        return
+    if len(order) != len(indices):
+        raise ValueError(f"`model.lucaone_head_tasks` names {len(order)} tasks but {report.source} holds "
+                         f"{len(indices)} task heads (indices {indices})")  # fmt: skip
+    for index, task in zip(indices, order):
+        keys = {f"{lst}.{index}.{part}": (_HEAD_MODULES[lst], part)
+                for lst in _HEAD_MODULES for part in ("weight", "bias")}  # fmt: skip
+        keys = {k: v for k, v in keys.items() if k in report.head_state}
+        if task not in heads:
+            reason = f"task head {index} ({task}): this run does not train {task}"
+        else:
+            mismatched = []
+            for key, (module, part) in keys.items():
+                ours = getattr(getattr(heads[task], module), part)
+                if tuple(ours.shape) != tuple(report.head_state[key].shape):
+                    mismatched.append(f"{module}.{part} {tuple(report.head_state[key].shape)} in the checkpoint vs "
+                                      f"{tuple(ours.shape)} here")  # fmt: skip
+            reason = (f"task head {index} ({task}): label count or classifier size differ: " + "; ".join(mismatched)
+                      if mismatched else "")  # fmt: skip
+            if not mismatched:
+                with torch.no_grad():
+                    for key, (module, part) in keys.items():
+                        getattr(getattr(heads[task], module), part).copy_(report.head_state[key])
+                report.loaded_heads[task] = index
+        for key in keys:
+            if reason:
+                report.skipped_heads[key] = reason
+            else:
+                report.skipped_heads.pop(key, None)
+                report.loaded.append(key)
 
 
 def _check_rotary(to_load: dict[str, torch.Tensor], report: LoadReport) -> None:

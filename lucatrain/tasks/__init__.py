@@ -1,19 +1,20 @@
-"""Pretraining tasks. A Task is an `nn.Module` that owns the encoder and its heads and returns
+"""Pretraining tasks. The Task module (`PretrainTask`) owns the encoder and the task heads and returns
 `(loss, report)` from `forward(batch, totals)`, so the trainer never branches on task or modality.
+
+`specs` is the task table, `plan` decides which tasks a run trains and with how many labels,
+`pretrain` computes the losses.
 """
 
-from lucatrain.tasks.mlm import MLM_TASKS, MaskedLMTask
-
-# Every task name a config may select, mapped to the Task class that implements it.
-TASK_REGISTRY = {name: MaskedLMTask for name in MLM_TASKS}
-TASK_NAMES = tuple(TASK_REGISTRY)
+from lucatrain.tasks.pretrain import PretrainTask, metrics_from_sums
+from lucatrain.tasks.specs import LEVELS, TASK_NAMES, TASKS, select_tasks
 
 
-def build_task(model, task_names, weights):
-    """The Task module for `task_names` (all must be served by one Task class today)."""
-    unknown = [n for n in task_names if n not in TASK_REGISTRY]
+def build_task(model, task_names, weights=None, num_labels=None, classifier_sizes=None, classifier_dropout=0.0):
+    """The Task module training `task_names` on `model` (heads sized by `num_labels`)."""
+    unknown = [n for n in task_names if n not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; valid tasks are {list(TASK_NAMES)}")
-    classes = {TASK_REGISTRY[n] for n in task_names}
-    assert len(classes) == 1, "mixing task families arrives with the multi-task heads"
-    return classes.pop()(model, list(task_names), dict(weights))
+    return PretrainTask(model, task_names, weights, num_labels, classifier_sizes, classifier_dropout)
+
+
+__all__ = ["LEVELS", "TASKS", "TASK_NAMES", "PretrainTask", "build_task", "metrics_from_sums", "select_tasks"]

@@ -1,0 +1,183 @@
+"""The pretraining objective: the encoder, the shared masked-LM head, and one head per label task.
+
+Loss normalisation: each task's loss is the sum of its per-target losses divided by the number of
+that task's targets in the *whole optimizer step* (all micro-batches, all ranks), given in `totals`
+(from `count_targets`, summed by the trainer). Summed over micro-batches and ranks this is exactly
+the per-target mean one big batch would give, so gradient accumulation and data parallelism change
+nothing numerically. A target is a masked token (masked-LM), a token inside a span (span tasks), a
+labelled record (taxonomy), one (record, label) pair (keywords) or one coordinate (structure).
+
+Multi-process safety: every head runs exactly once in every forward, on whatever rows of the
+micro-batch carry its labels, possibly none. Every parameter therefore gets a gradient on every rank
+at every step, and under ZeRO-3 every rank gathers the same modules in the same order. A rank whose
+micro-batch holds only genes, or no keyword labels, neither crashes nor hangs (LucaOne's DDP run
+died on its second step for this reason).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lucatrain.data.alphabet import IGNORE_INDEX
+from lucatrain.tasks.specs import MLM, MULTI_CLASS, MULTI_LABEL, REGRESSION, TASKS
+
+
+class TaskHead(nn.Module):
+    """LucaOne's task head: dropout -> hidden_layer (H -> C) -> GELU -> classifier (C -> K)."""
+
+    def __init__(self, hidden_size: int, classifier_size: int, num_outputs: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.hidden_layer = nn.Linear(hidden_size, classifier_size)
+        self.classifier = nn.Linear(classifier_size, num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.gelu(self.hidden_layer(self.dropout(x))))
+
+
+def num_outputs(name: str, num_labels: dict[str, int]) -> int:
+    return 3 if TASKS[name].output_mode == REGRESSION else num_labels[name]
+
+
+class PretrainTask(nn.Module):
+    """`loss, report = task(batch, totals)` for any selection of the tasks in `specs.TASKS`.
+
+    report holds, per task, `<task>/loss_sum` and `<task>/count` (targets), plus `<task>/correct`
+    (multi-class), `<task>/tp|fp|fn` vectors over labels (multi-label); the trainer sums them over
+    micro-batches and ranks and turns them into metrics (`metrics_from_sums`).
+    """
+
+    def __init__(self, model: nn.Module, task_names, weights: dict[str, float] | None = None,
+                 num_labels: dict[str, int] | None = None, classifier_sizes: dict[str, int] | None = None,
+                 classifier_dropout: float = 0.0):  # fmt: skip
+        super().__init__()
+        weights, num_labels, classifier_sizes = weights or {}, num_labels or {}, classifier_sizes or {}
+        self.model = model
+        self.task_names = [n for n in TASKS if n in set(task_names)]  # table order, the same on every rank
+        self.weights = {n: float(weights.get(n, TASKS[n].default_weight)) for n in self.task_names}
+        self.mlm_tasks = [n for n in self.task_names if TASKS[n].output_mode == MLM]
+        self.label_tasks = [n for n in self.task_names if TASKS[n].output_mode != MLM]
+        hidden = model.config.hidden_size
+        self.heads = nn.ModuleDict({
+            name: TaskHead(hidden, classifier_sizes.get(name, TASKS[name].default_classifier_size),
+                           num_outputs(name, num_labels), classifier_dropout)
+            for name in self.label_tasks
+        })  # fmt: skip
+
+    # ------------------------------------------------------------------ targets
+
+    @staticmethod
+    def target_mask(name: str, labels: torch.Tensor) -> torch.Tensor:
+        """Which positions (per-token tasks) or rows (sequence tasks) of `labels` carry a target."""
+        mode = TASKS[name].output_mode
+        if mode == REGRESSION:
+            return ~torch.isnan(labels[..., 0])
+        if mode == MULTI_LABEL:
+            return labels[:, 0] != IGNORE_INDEX
+        return labels != IGNORE_INDEX
+
+    def count_targets(self, batch: dict) -> dict[str, int]:
+        """Targets per task in one micro-batch (the normaliser's building block)."""
+        counts = {}
+        if self.mlm_tasks:
+            types = batch["token_type_ids"][batch["labels"] != IGNORE_INDEX]
+            for name in self.mlm_tasks:
+                counts[name] = int((types == TASKS[name].obj_type).sum())
+        for name in self.label_tasks:
+            labels = batch[f"{name}_labels"]
+            present = int(self.target_mask(name, labels).sum())
+            mode = TASKS[name].output_mode
+            counts[name] = present * (labels.shape[-1] if mode in (MULTI_LABEL, REGRESSION) else 1)
+        return counts
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, batch: dict, totals: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden = self.model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])  # (B, L, H)
+        # Start from a graph-connected zero so a micro-batch without any target still backprops.
+        loss = hidden.sum() * 0.0
+        report: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}
+        if self.mlm_tasks:
+            sums.update(self._masked_lm(hidden, batch, report))
+        for name, head in self.heads.items():
+            sums[name] = self._label_task(name, head, hidden, batch[f"{name}_labels"], report)
+        for name, loss_sum in sums.items():
+            # With no target anywhere in the step, loss_sum is an empty sum (0): adding it anyway keeps
+            # every head in the graph, so every parameter gets a gradient on every rank.
+            loss = loss + self.weights[name] * loss_sum / max(totals.get(name, 0), 1)
+        return loss, report
+
+    def _masked_lm(self, hidden, batch, report) -> dict[str, torch.Tensor]:
+        selected = batch["labels"] != IGNORE_INDEX  # (B, L)
+        # The LM head runs on masked positions only: (N, H) -> (N, V), not (B, L, V).
+        logits = self.model.mlm_logits(hidden[selected]).float()
+        targets = batch["labels"][selected]
+        token_loss = F.cross_entropy(logits, targets, reduction="none")  # (N,)
+        correct = logits.argmax(dim=-1) == targets
+        types = batch["token_type_ids"][selected]
+        sums = {}
+        for name in self.mlm_tasks:
+            of_task = types == TASKS[name].obj_type
+            sums[name] = token_loss[of_task].sum()
+            report[f"{name}/loss_sum"] = sums[name].detach()
+            report[f"{name}/count"] = of_task.sum().float()
+            report[f"{name}/correct"] = correct[of_task].sum().float()
+        return sums
+
+    def _label_task(self, name, head, hidden, labels, report) -> torch.Tensor:
+        mode = TASKS[name].output_mode
+        present = self.target_mask(name, labels)
+        # Per-token tasks read every residue token; sequence tasks read the [CLS] vector (token 0).
+        inputs = hidden[present] if TASKS[name].per_token else hidden[:, 0][present]
+        outputs = head(inputs).float()  # may have 0 rows: the head still joins the graph
+        targets = labels[present]
+        if mode == MULTI_CLASS:
+            loss_sum = F.cross_entropy(outputs, targets, reduction="sum")
+            report[f"{name}/correct"] = (outputs.argmax(dim=-1) == targets).sum().float()
+            count = targets.numel()
+        elif mode == MULTI_LABEL:
+            # Every label of a record that has the task is a target: unlisted labels are negatives.
+            loss_sum = F.binary_cross_entropy_with_logits(outputs, targets, reduction="sum")
+            predicted, actual = outputs > 0, targets > 0.5
+            report[f"{name}/tp"] = (predicted & actual).sum(dim=0).float().detach()
+            report[f"{name}/fp"] = (predicted & ~actual).sum(dim=0).float().detach()
+            report[f"{name}/fn"] = (~predicted & actual).sum(dim=0).float().detach()
+            count = targets.numel()
+        else:  # REGRESSION: L1 on the scaled coordinates
+            loss_sum = F.l1_loss(outputs, targets, reduction="sum")
+            count = targets.numel()
+        report[f"{name}/loss_sum"] = loss_sum.detach()
+        report[f"{name}/count"] = torch.tensor(float(count), device=outputs.device)
+        return loss_sum
+
+
+def metrics_from_sums(sums: dict) -> dict[str, float]:
+    """Summed reports -> per-task metrics: `<task>/loss` always; `/acc` (multi-class and masked-LM),
+    `/micro_f1` and `/macro_f1` (multi-label), `/mae` (structure). Tasks without targets are left out.
+
+    Macro F1 averages over the labels that occur (as a target or a prediction) in the evaluated set.
+    """
+    out: dict[str, float] = {}
+    for key in sorted(sums):
+        if not key.endswith("/count"):
+            continue
+        name = key[: -len("/count")]
+        count = float(sums[key])
+        if count <= 0:
+            continue
+        out[f"{name}/loss"] = float(sums[f"{name}/loss_sum"]) / count
+        if f"{name}/correct" in sums:
+            out[f"{name}/acc"] = float(sums[f"{name}/correct"]) / count
+        if f"{name}/tp" in sums:
+            tp, fp, fn = (torch.as_tensor(sums[f"{name}/{k}"], dtype=torch.float64) for k in ("tp", "fp", "fn"))
+            micro_denominator = float(2 * tp.sum() + fp.sum() + fn.sum())
+            out[f"{name}/micro_f1"] = float(2 * tp.sum()) / micro_denominator if micro_denominator else 0.0
+            occurring = (tp + fp + fn) > 0
+            per_label = 2 * tp[occurring] / (2 * tp[occurring] + fp[occurring] + fn[occurring])
+            out[f"{name}/macro_f1"] = float(per_label.mean()) if occurring.any() else 0.0
+        if TASKS.get(name) is not None and TASKS[name].output_mode == REGRESSION:
+            out[f"{name}/mae"] = out[f"{name}/loss"]
+    return out
