@@ -205,6 +205,8 @@ class Trainer:
         stats = LabelStats(self.train_data.meta.get("labels"))
         dev_stats = LabelStats(self.dev_data.meta.get("labels")) if self.dev_data else None
         plan = plan_tasks(cfg.tasks.selected(), cfg.tasks.label_dir, cfg.data.train_files, stats, dev_stats)
+        if not dist.is_main():
+            return plan
         self.logger.info("tasks: %s", ", ".join(f"{n} ({plan.num_labels[n]} labels)" if n in plan.num_labels else n
                                                  for n in plan.names))  # fmt: skip
         for name, why in plan.dropped.items():

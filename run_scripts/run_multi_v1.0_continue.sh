@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Resume a run after a failure, as LucaVirus users do: same variables as the run being continued,
-# plus `trained_checkpoint` ('latest', a step number, or a checkpoint directory) and optionally
+# (pretrain_task_level_name included: the tasks must be those of the checkpoint), plus `trained_checkpoint` ('latest', a step number, or a checkpoint directory) and optionally
 # `model_dirpath` (the run directory or the checkpoint directory to resume from; default: OUTPUT_DIR).
 # The model, optimizer, LR schedule, RNG states and the sample-id ledger are restored; training
 # continues with the next unseen sample, also when nproc_per_node differs from the first run.
@@ -10,7 +10,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUTPUT_DIR:=runs/lucavirus_v1.0_mask}"
 : "${trained_checkpoint:=latest}"
-: "${TASKS:=[gene_mask, prot_mask]}"
 source run_scripts/common.sh
 lucavirus_overrides
-launch train --config lucavirus_v1.0 tasks.names="$TASKS" train.trained_checkpoint="$trained_checkpoint" "${OVERRIDES[@]}"
+launch train --config lucavirus_v1.0 train.trained_checkpoint="$trained_checkpoint" "${OVERRIDES[@]}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, launch, remove_shm_buffers, tiny_overrides
+from conftest import REPO, all_tasks_dataset, launch, read_history, remove_shm_buffers, tiny_overrides
 
 
 def lucatrain(*args, env=None, timeout=300):
@@ -100,3 +100,51 @@ def test_continue_script_resumes_the_mask_run(tmp_path):
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'step-000006'}" in log
     assert "world size 2 -> 1" in log
     assert "done: 9 steps" in log
+
+
+def _run_script(tmp_path, script, **env_values):
+    env = {**os.environ, "TINY": "1", "max_steps": "6", "eval_steps": "3", "save_steps": "6", "loss_logging_steps": "1",
+           "OUTPUT_DIR": str(tmp_path / "run"), "MASTER_PORT": str(_port()),
+           "EXTRA_ARGS": f"data.cache_dir={tmp_path / 'cache'} train.progress_bar=false", **env_values}  # fmt: skip
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    result = subprocess.run(["bash", f"run_scripts/{script}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    remove_shm_buffers(env["MASTER_PORT"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return (tmp_path / "run" / "logs" / "training.log").read_text(), read_history(tmp_path / "run")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("script,trained,skipped", [
+    ("run_multi_v1.0_gene.sh", ["gene_mask", "gene_taxonomy"], ["gene_type"]),
+    ("run_multi_v1.0_prot.sh", ["prot_mask", "prot_site", "prot_domain", "prot_taxonomy", "prot_keyword"], ["prot_homo"]),
+])  # fmt: skip
+def test_gene_and_protein_scripts_train_every_task_the_shipped_sample_has_labels_for(tmp_path, script, trained, skipped):
+    log, history = _run_script(tmp_path, script)
+    tasks_line = next(line for line in log.splitlines() if " tasks: " in line)
+    assert [t.split(" (")[0] for t in tasks_line.split(" tasks: ")[1].split(", ")] == trained
+    for task in skipped:
+        assert f"task {task} is not trained: no training record carries" in log
+    other = "prot" if script.endswith("gene.sh") else "gene"
+    assert "train_records=" + ("2411" if other == "prot" else "83") in log  # the other molecule is left out
+    for task in trained:
+        assert any(f"{task}/loss" in h for h in history if "lr" in h), task
+        assert any(f"eval/{task}/loss" in h for h in history), task
+    assert not any(k.startswith(other) for h in history for k in h)
+
+
+@pytest.mark.multiprocess
+def test_full_script_trains_all_lucavirus_tasks_from_a_lucaone_checkpoint(tmp_path):
+    from test_lucaone_checkpoint import lucaone_config, lucaone_state_dict, write_checkpoint
+
+    train = all_tasks_dataset(tmp_path / "data")
+    checkpoint = tmp_path / "lucaone" / "checkpoint-step100"
+    write_checkpoint(checkpoint, lucaone_state_dict(layers=3), lucaone_config(layers=3))
+    log, history = _run_script(tmp_path, "run_multi_v1.0.sh", model_dirpath=str(checkpoint), NUM_ATTENTION_LAYERS="2",
+                               TRAIN_FILES=str(train), DEV_FILES=str(train), batch_size="2")  # fmt: skip
+    assert "initialised from LucaOne checkpoint" in log and "first_n_layers: initialised the model's 2 layers" in log
+    lucavirus = ["gene_mask", "gene_type", "gene_taxonomy", "prot_mask", "prot_homo", "prot_site", "prot_domain",
+                 "prot_taxonomy", "prot_keyword"]  # fmt: skip
+    for task in lucavirus:
+        assert any(f"{task}/loss" in h for h in history if "lr" in h), task
+    assert not any("prot_structure" in k for h in history for k in h)  # labelled, but not a LucaVirus task
+    assert "world_size=2" in log and "done: 6 steps" in log

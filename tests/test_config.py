@@ -24,6 +24,9 @@ def test_lucavirus_recipe_sizes():
     cfg = load_config("lucavirus_v1.0")
     assert (cfg.model.num_hidden_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (12, 2560, 20)
     assert cfg.data.max_length == 3074
+    assert cfg.tasks.selected() == ["gene_mask", "prot_mask", "gene_type", "prot_homo", "prot_site", "prot_domain",
+                                    "gene_taxonomy", "prot_taxonomy", "prot_keyword"]  # fmt: skip
+    assert len(load_config("lucaone_v2.0").tasks.selected()) == 10
 
 
 def test_precedence_cli_over_yaml_over_defaults(tmp_path):
