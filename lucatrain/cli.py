@@ -4,6 +4,7 @@
     lucatrain train --config RECIPE [section.key=value ...]
     lucatrain demo [section.key=value ...]  tiny real pretraining on the shipped sample data
     lucatrain audit RUN_DIR [--compare RUN_DIR2]   what the progress ledger says was trained on
+    lucatrain export RUN_OR_CHECKPOINT --out DIR [--heads]   transformers-loadable encoder (+ task heads)
 
 Launch several processes with any launcher, e.g.
     deepspeed --num_gpus 2 $(command -v lucatrain) train --config lucavirus_v1.0 ...
@@ -42,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     aud.add_argument("run_dir", help="a run directory (its latest complete checkpoint is read) or a checkpoint directory")
     aud.add_argument("--compare", default=None, help="another run: did both consume the same ids in the same order?")
 
+    exp = verbs.add_parser("export", help="write a checkpoint's encoder (and task heads) for downstream use")
+    exp.add_argument("source", help="a run directory (its latest complete checkpoint) or a checkpoint directory")
+    exp.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, ...)")
+    exp.add_argument("--heads", action="store_true", help="also write heads.safetensors and heads.json")
+
     for name, help_text in (("train", "pretrain"), ("demo", "tiny real pretraining on the shipped sample")):
         sub = verbs.add_parser(name, help=help_text)
         sub.add_argument("--config", default="demo_tiny" if name == "demo" else None,
@@ -59,14 +65,30 @@ def _prepare(args) -> int:
     return 0
 
 
-def _ledger_of(run_or_checkpoint: str):
+def _checkpoint_of(run_or_checkpoint: str) -> Path:
+    """A committed checkpoint directory, or the latest committed one of a run directory."""
     from lucatrain.checkpoint import find_resume_checkpoint, read_valid_manifest
-    from lucatrain.progress import Ledger
 
     path = Path(run_or_checkpoint)
     if read_valid_manifest(path) is None:
         path = find_resume_checkpoint(path / "checkpoints", "latest")
+    return path
+
+
+def _ledger_of(run_or_checkpoint: str):
+    from lucatrain.progress import Ledger
+
+    path = _checkpoint_of(run_or_checkpoint)
     return path, Ledger.load(path / "ledger")
+
+
+def _export(args) -> int:
+    from lucatrain.export import export_checkpoint
+
+    path = _checkpoint_of(args.source)
+    out = export_checkpoint(path, args.out, with_heads=args.heads)
+    print(f"exported {path} -> {out}" + (" (with task heads)" if args.heads else ""))
+    return 0
 
 
 def _audit(args) -> int:
@@ -131,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             code = _prepare(args)
         elif args.verb == "audit":
             code = _audit(args)
+        elif args.verb == "export":
+            code = _export(args)
         else:
             code = _train(args, demo=args.verb == "demo")
     except (ConfigError, FileNotFoundError, ValueError) as err:

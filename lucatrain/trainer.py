@@ -26,7 +26,8 @@ from lucatrain import checkpoint
 from lucatrain.checkpoint import maybe_fault, read_valid_manifest
 from lucatrain.engine import Engine, convert_to_universal, init_distributed, peak_memory_bytes
 from lucatrain.engine import shutdown as engine_shutdown
-from lucatrain.models.lora import apply_lora, merge_lora_state_dict
+from lucatrain.export import EXPORT_INFO, split_task_state, write_export
+from lucatrain.models.lora import apply_lora
 from lucatrain.models.lucagplm import LucaGPLM, LucaGPLMConfig
 from lucatrain.data.labels import LabelStats
 from lucatrain.models.lucaone_checkpoint import (
@@ -437,6 +438,7 @@ class Trainer:
                 "num_labels": self.plan.num_labels,
             }
             (stage / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            (stage / EXPORT_INFO).write_text(json.dumps(self.export_info(), indent=1))
             self.ledger.save(stage / "ledger")
         checkpoint.maybe_fault("after_shards", self.global_step)
         path = checkpoint.commit(self.checkpoint_root, self.global_step, self.ledger.summary(), self.cfg.train.save_total_limit)
@@ -491,15 +493,33 @@ class Trainer:
             path, self.global_step, self.ledger.epoch, self.ledger.samples_seen, self.ledger.cursor,
         )  # fmt: skip
 
+    def export_info(self) -> dict:
+        """What an export needs besides the weights: encoder config, heads and their labels, LoRA."""
+        heads = {
+            name: {
+                "level": TASKS[name].level,
+                "output_mode": TASKS[name].output_mode,
+                "molecule": "gene" if TASKS[name].obj_type == 0 else "prot",
+                "classifier_size": head.hidden_layer.out_features,
+                "num_outputs": head.classifier.out_features,
+                "weight": self.task.weights[name],
+                "labels": self.plan.label_names.get(name),
+            }
+            for name, head in self.task.heads.items()
+        }
+        lora = self.cfg.lora
+        return {"encoder_config": self.model.config.to_dict(), "heads": heads,
+                "lora": {"enabled": lora.enabled, "r": lora.r, "alpha": lora.alpha}}  # fmt: skip
+
     def export(self, directory: Path, extra: dict | None = None) -> None:
-        """Encoder weights as config.json + model.safetensors (collective: gathers ZeRO shards)."""
-        state = self.engine.full_state_dict(self.model)
-        if self.cfg.lora.enabled:
-            state = merge_lora_state_dict(state, self.cfg.lora.r, self.cfg.lora.alpha)
+        """Encoder (transformers-loadable) and task heads, see `lucatrain.export` (collective: gathers ZeRO shards)."""
+        state = self.engine.full_state_dict(self.task)
         if dist.is_main():
-            self.model.save_pretrained(directory, state_dict=state)
-            info = {"global_step": self.global_step, **(extra or {})}
-            (directory / "trainer_state.json").write_text(json.dumps(info, indent=1))
+            info = self.export_info()
+            encoder, heads = split_task_state(state, info["lora"])
+            write_export(directory, self.model.config, encoder, heads, info["heads"])
+            trainer_info = {"global_step": self.global_step, **(extra or {})}
+            (directory / "trainer_state.json").write_text(json.dumps(trainer_info, indent=1))
         dist.barrier()
 
 

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from conftest import ALL_TASKS, SMALL_HEADS, all_tasks_dataset, launch, read_history, tiny_overrides
+from safetensors.torch import load_file
+
+from lucatrain.cli import main as cli_main
 from lucatrain.data.prepared import load_prepared
 from lucatrain.models.lucagplm import LucaGPLM
 from lucatrain.progress import Ledger
@@ -53,6 +56,12 @@ def test_two_process_deepspeed_launcher(tmp_path, zero, precision, max_tokens):
     assert hidden.shape == (1, 6, 32) and torch.isfinite(hidden).all()
     initial = LucaGPLM(model.config)  # same seed as training would not matter: weights must differ
     assert not torch.allclose(model.embed_tokens.weight, initial.embed_tokens.weight)
+    # Offline export from the 2-rank shards gives the fp32 weights the live export gathered.
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
+    offline, live = load_file(tmp_path / "exported" / "model.safetensors"), load_file(run / "last" / "model.safetensors")
+    assert set(offline) == set(live)
+    for key in live:
+        torch.testing.assert_close(offline[key], live[key], rtol=0, atol=0)
 
 
 def test_two_process_torchrun_matches_world_size_semantics(tmp_path):

@@ -93,6 +93,7 @@ class LucaGPLMConfig(PretrainedConfig):
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
         self.classifier_dropout_prob = classifier_dropout_prob
         self.gradient_checkpointing = gradient_checkpointing
+        kwargs.setdefault("tie_word_embeddings", True)  # lm_head.weight is embed_tokens.weight (LucaOne)
         super().__init__(**kwargs)
         if hidden_size % num_attention_heads or (hidden_size // num_attention_heads) % 2:
             raise ValueError(
