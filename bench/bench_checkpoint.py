@@ -81,6 +81,7 @@ def overrides(args, run_dir: Path, cache_dir: Path, ds_config: str, precision: s
         "train.output_dir": run_dir,
         "data.cache_dir": cache_dir,  # shared by the runs: the CSV is prepared once
         "data.train_files": f"[{_common.LUCAONE_TRAIN}]",
+        "tasks.names": "[gene_mask, prot_mask]",  # masked-LM only: what the baselines compute
         "data.dev_files": "[]",  # no evaluation: only training steps and checkpoints
         "data.max_length": args.max_length,
         "model.hidden_size": args.hidden,

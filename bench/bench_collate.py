@@ -211,7 +211,7 @@ def model_consumption(batches: list[dict], args) -> dict:
                                     "deepspeed.precision=fp32"])  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg)
-    task = build_task(model, cfg.tasks.names, cfg.tasks.weights)
+    task = build_task(model, ["gene_mask", "prot_mask"], cfg.tasks.weights)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     collate = Collator(args.max_length, masking=MaskingConfig())
     mbs = [collate(rows, 0) for rows in batches[: args.model_steps + 1]]

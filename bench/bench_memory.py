@@ -1,6 +1,6 @@
 """Activation memory of one training step with and without gradient checkpointing.
 
-One step = forward of the MLM loss (lucatrain's MaskedLMTask over LucaGPLM) + backward + AdamW step,
+One step = forward of the MLM loss (lucatrain's PretrainTask with the two masked-LM tasks over LucaGPLM) + backward + AdamW step,
 at sequence length 3074 (LucaVirus) on a small-hidden model (hidden 128, 4 layers, 4 heads,
 batch 2). The batch is real: the longest genes of the shipped rRNA FASTA, collated and masked by
 lucatrain's Collator (no padding, so both runs see exactly the same tokens).

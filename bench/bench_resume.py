@@ -159,6 +159,7 @@ def overrides(args, prepared: Path, run_dir: Path, **extra) -> list[str]:
     values = {
         "train.output_dir": run_dir,
         "data.train_files": f"[{prepared}]",
+        "tasks.names": "[gene_mask, prot_mask]",  # masked-LM only: what the baselines compute
         "data.dev_files": "[]",
         "data.max_length": args.max_length,
         "model.hidden_size": args.hidden,

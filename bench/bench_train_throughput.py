@@ -5,7 +5,7 @@ micro-batches, taken from `trainer.steps()` before any timing starts, with torch
 hyperparameters. What differs is only what lucatrain adds around the model:
 
   lucatrain  `trainer.train_step([mb])`: per-task target counting + all_reduce of the counts,
-             DeepSpeed engine forward (hooks), MaskedLMTask (per-task loss sums, accuracy report),
+             DeepSpeed engine forward (hooks), PretrainTask (per-task loss sums, accuracy report),
              engine.backward / engine.step (DeepSpeed clipping, ZeRO bookkeeping, LR scheduler),
              float() of every report value.
   baseline   forward -> LM head on masked positions -> cross entropy -> backward ->
@@ -71,6 +71,7 @@ def trainer_overrides(args, ds_config: str, tmp: Path) -> list[str]:
         "train.output_dir": tmp / f"run-{Path(ds_config).stem}",
         "data.cache_dir": tmp / "cache",
         "data.train_files": f"[{args.train_file}]",
+        "tasks.names": "[gene_mask, prot_mask]",  # masked-LM only: what the baselines compute
         "data.dev_files": "[]",
         "data.max_length": args.max_length,
         "data.num_workers": 0,

@@ -83,7 +83,8 @@ class TrainConfig:
     save_total_limit: int = 3
     """Keep the newest N committed checkpoints (0 = all); the one `latest` names is never deleted."""
     best_metric: str = "loss"
-    """Dev metric choosing the `best/` export ('loss' is lower-better, any '*acc*' higher-better)."""
+    """Dev metric choosing the `best/` export: 'loss' (the weighted total, lower is better) or
+    '<task>/<metric>' (loss, acc, micro_f1, macro_f1, mae; names ending in acc or f1 are higher-better)."""
     progress_bar: bool = True
     """Show a tqdm bar on rank 0."""
 

@@ -154,6 +154,9 @@ class Trainer:
         self.train_data = load_data(cfg.data.train_files, cfg)
         self.dev_data = load_data(cfg.data.dev_files, cfg) if cfg.data.dev_files else None
         self.plan = self.plan_tasks()
+        valid = ["loss"] + [f"{n}/{m}" for n in self.plan.names for m in TASKS[n].metrics]
+        if cfg.train.best_metric not in valid:
+            raise ValueError(f"`train.best_metric={cfg.train.best_metric}` is not a dev metric of this run; choose one of {valid}")
         self.model, lucaone_report = build_model_with_report(cfg)
         num_params = self.model.num_parameters()  # before ZeRO-3 partitions the parameters away
         if cfg.lora.enabled:
@@ -406,8 +409,9 @@ class Trainer:
         monitor.scalars(self.global_step, metrics, prefix="eval/")
         self.log_history({"step": self.global_step, **{f"eval/{k}": v for k, v in metrics.items()}})
         key = self.cfg.train.best_metric
-        if key not in metrics:
-            raise ValueError(f"`train.best_metric={key}` is not an eval metric; available: {sorted(metrics)}")
+        if key not in metrics:  # a valid name (checked at start) whose task had no dev targets
+            self.logger.warning("the dev set gave no %s at step %d; best/ is not updated", key, self.global_step)
+            return
         value = metrics[key]
         higher_is_better = key.endswith(("acc", "f1"))
         better = self.best_metric is None or (value > self.best_metric if higher_is_better else value < self.best_metric)

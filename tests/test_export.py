@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ALL_TASKS, REPO, SMALL_HEADS, all_tasks_dataset, tiny_overrides
+from conftest import ALL_TASKS, REPO, SMALL_HEADS, all_tasks_dataset, read_history, tiny_overrides
 from lucatrain.cli import main as cli_main
 from lucatrain.config import load_config
 from lucatrain.embed import embed_records
 from lucatrain.models.lucagplm import LucaGPLM
-from lucatrain.trainer import run_training
+from lucatrain.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,22 @@ def trained_run(tmp_path_factory):
         "data.train_files": f"[{train}]", "tasks.names": "[" + ", ".join(ALL_TASKS) + "]",
         "tasks.classifier_sizes": SMALL_HEADS, "train.batch_size": 4, "train.max_steps": 6,
         "deepspeed.config": "zero1", "train.learning_rate": 3e-3,
+        "data.dev_files": f"[{train}]", "train.eval_steps": 2, "train.best_metric": "prot_keyword/micro_f1",
     }))  # fmt: skip
-    run_training(cfg)
+    Trainer(cfg).train()  # in-process: no engine shutdown, later in-process tests reuse the process group
     return tmp_path / "run", train.parents[1] / "label"
+
+
+def test_best_export_follows_the_configured_metric(trained_run):
+    run, _ = trained_run
+    evals = [h for h in read_history(run) if "eval/prot_keyword/micro_f1" in h]
+    assert [h["step"] for h in evals] == [2, 4, 6]
+    best = json.loads((run / "best" / "trainer_state.json").read_text())
+    values = [h["eval/prot_keyword/micro_f1"] for h in evals]
+    assert best["prot_keyword/micro_f1"] == max(values)  # higher is better for an F1
+    assert best["step"] == evals[values.index(max(values))]["step"]
+    for metric in ("prot_site/acc", "prot_keyword/macro_f1", "prot_structure/mae", "gene_type/acc"):
+        assert f"eval/{metric}" in evals[-1], metric
 
 
 def test_export_of_a_checkpoint_equals_the_trainers_last_export(trained_run, tmp_path):

@@ -325,3 +325,56 @@ def test_task_table_matches_lucaone_defaults():
         "gene_mask": 1.0, "prot_mask": 1.0, "gene_type": 0.2, "prot_homo": 0.2, "prot_site": 0.2, "prot_domain": 0.2,
         "gene_taxonomy": 0.2, "prot_taxonomy": 0.2, "prot_keyword": 1.0, "prot_structure": 1.0,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [n for n in TASKS if TASKS[n].output_mode != "mlm"])
+def test_each_label_task_zero_head_loss_by_hand(name):
+    """Every label task on its own, zero head: ln K (multi-class), ln 2 (keywords), mean |y| (structure);
+    rows of the other molecule or without the label add nothing."""
+    spec = TASKS[name]
+    row = 1 if spec.obj_type == 0 else 2  # batch_of: rows 0 and 2 are proteins, row 1 a gene
+    k = 5
+    if spec.level == "span_level":
+        labels = torch.full((3, 5), -100)
+        labels[row, 1:3] = torch.tensor([4, 0])
+        by_hand, count = math.log(k), 2
+    elif spec.output_mode == "multi_class":
+        labels = torch.full((3,), -100)
+        labels[row] = 3
+        by_hand, count = math.log(k), 1
+    elif spec.output_mode == "multi_label":
+        labels = torch.full((3, k), -100.0)
+        labels[row] = torch.tensor([1.0, 0, 0, 1, 0])
+        by_hand, count = math.log(2), k
+    else:
+        labels = torch.full((3, 5, 3), float("nan"))
+        labels[row, 1] = torch.tensor([0.25, 1.0, 0.5])
+        by_hand, count = (0.25 + 1.0 + 0.5) / 3, 3
+    task = build_task(TinyEncoder(), [name], num_labels={name: k}, classifier_sizes={name: 3})
+    zero_heads(task)
+    batch = batch_of(**{f"{name}_labels": labels})
+    assert task.count_targets(batch) == {name: count}
+    loss, report = task(batch, task.count_targets(batch))
+    assert float(report[f"{name}/loss_sum"]) / count == pytest.approx(by_hand, rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(spec.default_weight * by_hand, rel=1e-6)
+
+
+def test_resuming_with_other_tasks_is_refused(tmp_path):
+    from conftest import tiny_overrides
+    from lucatrain.trainer import Trainer
+
+    base = {"train.max_steps": 2, "train.batch_size": 4}
+    Trainer(load_config("demo_tiny", tiny_overrides(tmp_path, **base))).train()
+    more = tiny_overrides(tmp_path, **{**base, "tasks.names": "[gene_mask, prot_mask, gene_taxonomy]",
+                                       "train.trained_checkpoint": "latest", "train.max_steps": 4})  # fmt: skip
+    with pytest.raises(ValueError, match=r"was trained with tasks \['gene_mask', 'prot_mask'\].*this run has"):
+        Trainer(load_config("demo_tiny", more))
+
+
+def test_unknown_best_metric_fails_at_start(tmp_path):
+    from conftest import tiny_overrides
+    from lucatrain.trainer import Trainer
+
+    cfg = load_config("demo_tiny", tiny_overrides(tmp_path, **{"train.best_metric": "prot_keyword/acc"}))
+    with pytest.raises(ValueError, match=r"best_metric=prot_keyword/acc` is not a dev metric .*'gene_mask/acc'"):
+        Trainer(cfg)

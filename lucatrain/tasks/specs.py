@@ -49,6 +49,11 @@ class TaskSpec:
         return self.output_mode in (MULTI_CLASS, MULTI_LABEL)
 
     @property
+    def metrics(self) -> tuple[str, ...]:
+        """What is logged for this task as `<task>/<metric>`."""
+        return {MULTI_LABEL: ("loss", "micro_f1", "macro_f1"), REGRESSION: ("loss", "mae")}.get(self.output_mode, ("loss", "acc"))
+
+    @property
     def per_token(self) -> bool:
         """Scored on residue tokens (span, structure) rather than on the [CLS] vector."""
         return self.level in ("span_level", "structure_level")
