@@ -231,6 +231,12 @@ class TasksConfig:
     keyword 2048, structure 128)."""
     classifier_dropout: float = 0.0
     """Dropout before each task head's hidden layer (LucaOne's scripts: 0)."""
+    output_modes: dict[str, str] = field(default_factory=dict)
+    """Output mode per task where it differs from LucaOne's: gene_taxonomy, prot_taxonomy and prot_keyword
+    may each be multi_class (one label index per record) or multi_label (a list; unlisted = negative)."""
+    loss_types: dict[str, str] = field(default_factory=dict)
+    """Loss per task where it differs from LucaOne's: cce (multi_class), bce (multi_label), and for
+    prot_structure l1 (default), l2 or smooth_l1."""
     mask_prob: float = 0.15
     """Fraction of residues selected for masked-LM (at least one per sequence)."""
     mask_token_prob: float = 0.8
@@ -253,7 +259,7 @@ class TasksConfig:
             raise ConfigError(f"`tasks.names` / `tasks.level_types`: {err}") from None
         if not chosen:
             raise ConfigError(f"`tasks.names` selects no task; choose from {list(TASK_NAMES)}")
-        for section in ("weights", "classifier_sizes"):
+        for section in ("weights", "classifier_sizes", "output_modes", "loss_types"):
             for name in getattr(self, section):
                 if name not in TASK_NAMES:
                     raise ConfigError(f"`tasks.{section}`: unknown task {name!r}; valid tasks are {list(TASK_NAMES)}")
@@ -263,6 +269,12 @@ class TasksConfig:
         for name, size in self.classifier_sizes.items():
             if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
                 raise ConfigError(f"`tasks.classifier_sizes.{name}` must be an integer > 0, got {size!r}")
+        from lucatrain.tasks.pretrain import resolve_modes
+
+        try:
+            resolve_modes(list(TASK_NAMES), self.output_modes, self.loss_types)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if not 0.0 <= self.classifier_dropout < 1.0:
             raise ConfigError(f"`tasks.classifier_dropout` must be in [0, 1), got {self.classifier_dropout}")
         if not 0.0 < self.mask_prob < 1.0:

@@ -39,6 +39,7 @@ from lucatrain.models.lucaone_checkpoint import (
 from lucatrain.monitor import Monitor, get_logger, setup_logging
 from lucatrain.progress import Ledger
 from lucatrain.tasks import TASKS, build_task, metrics_from_sums
+from lucatrain.tasks.specs import METRICS
 from lucatrain.tasks.plan import TaskPlan, plan_tasks
 
 
@@ -154,7 +155,7 @@ class Trainer:
         self.train_data = load_data(cfg.data.train_files, cfg)
         self.dev_data = load_data(cfg.data.dev_files, cfg) if cfg.data.dev_files else None
         self.plan = self.plan_tasks()
-        valid = ["loss"] + [f"{n}/{m}" for n in self.plan.names for m in TASKS[n].metrics]
+        valid = ["loss"] + [f"{n}/{m}" for n in self.plan.names for m in METRICS[self.plan.output_modes[n]]]
         if cfg.train.best_metric not in valid:
             raise ValueError(f"`train.best_metric={cfg.train.best_metric}` is not a dev metric of this run; choose one of {valid}")
         self.model, lucaone_report = build_model_with_report(cfg)
@@ -163,7 +164,8 @@ class Trainer:
             lora = cfg.lora
             self.model = apply_lora(self.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
         t = cfg.tasks
-        self.task = build_task(self.model, self.plan.names, t.weights, self.plan.num_labels, t.classifier_sizes, t.classifier_dropout)
+        self.task = build_task(self.model, self.plan.names, t.weights, self.plan.num_labels, t.classifier_sizes,
+                               t.classifier_dropout, self.plan.output_modes, t.loss_types)  # fmt: skip
         if lucaone_report is not None:
             load_lucaone_heads(lucaone_report, self.task.heads, cfg.model.lucaone_head_tasks or None)
             self.logger.info("initialised from LucaOne checkpoint: %s", lucaone_report.summary())
@@ -172,7 +174,7 @@ class Trainer:
         self.engine = Engine(self.task, cfg, load_universal=written_by != dist.world_size())
         masking = MaskingConfig(cfg.tasks.mask_prob, cfg.tasks.mask_token_prob, cfg.tasks.random_token_prob)
         self.collator = Collator(cfg.data.max_length, cfg.data.truncation, masking, cfg.train.seed,
-                                 self.plan.label_tasks, self.plan.num_labels)  # fmt: skip
+                                 self.plan.label_tasks, self.plan.num_labels, self.plan.output_modes)  # fmt: skip
         # Records of a molecule no trained task scores are left out (a protein-only run on mixed data).
         self.train_rows = _rows_of_types(self.train_data, self.plan.obj_types)
         self.dev_rows = _rows_of_types(self.dev_data, self.plan.obj_types) if self.dev_data else None
@@ -208,7 +210,8 @@ class Trainer:
         cfg = self.cfg
         stats = LabelStats(self.train_data.meta.get("labels"))
         dev_stats = LabelStats(self.dev_data.meta.get("labels")) if self.dev_data else None
-        plan = plan_tasks(cfg.tasks.selected(), cfg.tasks.label_dir, cfg.data.train_files, stats, dev_stats)
+        plan = plan_tasks(cfg.tasks.selected(), cfg.tasks.label_dir, cfg.data.train_files, stats, dev_stats,
+                          cfg.tasks.output_modes)  # fmt: skip
         if not dist.is_main():
             return plan
         self.logger.info("tasks: %s", ", ".join(f"{n} ({plan.num_labels[n]} labels)" if n in plan.num_labels else n
@@ -440,6 +443,7 @@ class Trainer:
                 "fingerprint": self.train_data.fingerprint,
                 "tasks": self.plan.names,
                 "num_labels": self.plan.num_labels,
+                "output_modes": self.plan.output_modes,
             }
             (stage / "trainer_state.json").write_text(json.dumps(state, indent=1))
             (stage / EXPORT_INFO).write_text(json.dumps(self.export_info(), indent=1))
@@ -464,12 +468,13 @@ class Trainer:
     def restore(self, path: Path, written_by: int) -> None:
         """Model, optimizer, scheduler, counters, ledger and RNG from a committed checkpoint."""
         state = json.loads((path / "trainer_state.json").read_text())
-        trained = (state.get("tasks", self.plan.names), state.get("num_labels", self.plan.num_labels))
-        if trained != (self.plan.names, self.plan.num_labels):
+        ours = (self.plan.names, self.plan.num_labels, self.plan.output_modes)
+        trained = tuple(state.get(k, v) for k, v in zip(("tasks", "num_labels", "output_modes"), ours))
+        if trained != ours:
             raise ValueError(
-                f"{path} was trained with tasks {trained[0]} (label counts {trained[1]}); this run has "
-                f"{self.plan.names} ({self.plan.num_labels}). Resume with the same tasks and label files, or "
-                "start a new run from its export with `model.model_dirpath`."
+                f"{path} was trained with tasks {trained[0]} (label counts {trained[1]}, modes {trained[2]}); this run "
+                f"has {ours[0]} ({ours[1]}, {ours[2]}). Resume with the same tasks and label files, or start a new "
+                "run from its export with `model.model_dirpath`."
             )
         load_dir = path
         if written_by != self.world_size:
@@ -502,7 +507,8 @@ class Trainer:
         heads = {
             name: {
                 "level": TASKS[name].level,
-                "output_mode": TASKS[name].output_mode,
+                "output_mode": self.task.modes[name],
+                "loss_type": self.task.loss_types[name],
                 "molecule": "gene" if TASKS[name].obj_type == 0 else "prot",
                 "classifier_size": head.hidden_layer.out_features,
                 "num_outputs": head.classifier.out_features,

@@ -51,10 +51,10 @@ def test_labels_from_csv_in_json_and_python_literal_form(tmp_path):
     assert json.loads(rows["labels"][0]) == json.loads(rows["labels"][1]) == json_label
     assert json.loads(rows["labels"][3]) == {}
     assert data.meta["labels"] == {
-        "gene_taxonomy": {"records": 1, "max_index": 4},
-        "prot_keyword": {"records": 2, "max_index": 3},
-        "prot_site": {"records": 2, "max_index": 1},
-        "prot_taxonomy": {"records": 2, "max_index": 2},
+        "gene_taxonomy": {"records": 1, "lists": 0, "max_index": 4},
+        "prot_keyword": {"records": 2, "lists": 2, "max_index": 3},
+        "prot_site": {"records": 2, "lists": 0, "max_index": 1},
+        "prot_taxonomy": {"records": 2, "lists": 0, "max_index": 2},
     }
 
 
@@ -65,8 +65,8 @@ def test_labels_from_csv_in_json_and_python_literal_form(tmp_path):
         ('{"span_level": {"prot_site": [[3, 1, 0]]}}', r"need 0 <= start <= end"),
         ('{"span_level": {"prot_site": [[0, 1]]}}', r"must be \[start, end, label_index\] \(3 ints\)"),
         ('{"seq_level": {"gene_taxonomy": 1}}', r"seq_level.gene_taxonomy is a gene task but the record is prot"),
-        ('{"seq_level": {"prot_taxonomy": "Metazoa"}}', r"must be a class index"),
-        ('{"seq_level": {"prot_keyword": 3}}', r"must be a list of label indices"),
+        ('{"seq_level": {"prot_taxonomy": "Metazoa"}}', r"must be a label index \(int >= 0\) or a list of them"),
+        ('{"seq_level": {"prot_keyword": [1, -2]}}', r"prot_keyword must be a label index .* got \[1, -2\]"),
         ('{"structure_level": {"prot_structure": [[0, 0, 0]]}}', r"one \[x, y, z\] \(or null\) per residue: 6 expected, got 1"),
         ('{"seq_level": [1, 2]}', r"obj_label\['seq_level'\] must be an object"),
     ],
@@ -378,3 +378,44 @@ def test_unknown_best_metric_fails_at_start(tmp_path):
     cfg = load_config("demo_tiny", tiny_overrides(tmp_path, **{"train.best_metric": "prot_keyword/acc"}))
     with pytest.raises(ValueError, match=r"best_metric=prot_keyword/acc` is not a dev metric .*'gene_mask/acc'"):
         Trainer(cfg)
+
+
+def test_output_modes_and_loss_types_are_config(tmp_path):
+    with pytest.raises(ConfigError, match=r"output_modes.prot_site`: 'multi_label' is not possible; choose from \['multi_class'\]"):
+        load_config(None, ["tasks.output_modes={prot_site: multi_label}"])
+    with pytest.raises(ConfigError, match=r"loss_types.prot_structure`: 'bce' does not fit a regression task; choose from \['l1', 'l2'"):
+        load_config(None, ["tasks.loss_types={prot_structure: bce}"])
+
+    # prot_taxonomy as multi-label: an index becomes a one-item list; the head and BCE follow.
+    texts = [json.dumps({"seq_level": {"prot_taxonomy": 2}}), json.dumps({"seq_level": {"prot_taxonomy": [0, 3]}})]
+    out = encode_labels(texts, ["prot_taxonomy"], {"prot_taxonomy": 4}, np.array([3, 3]), np.zeros(2, dtype=int), 5,
+                        {"prot_taxonomy": "multi_label"})  # fmt: skip
+    assert out["prot_taxonomy_labels"].tolist() == [[0, 0, 1, 0], [1, 0, 0, 1]]
+    task = build_task(TinyEncoder(), ["prot_taxonomy"], num_labels={"prot_taxonomy": 4},
+                      classifier_sizes={"prot_taxonomy": 2}, output_modes={"prot_taxonomy": "multi_label"})  # fmt: skip
+    zero_heads(task)
+    batch = batch_of(prot_taxonomy_labels=torch.tensor([[0.0, 0, 1, 0], [-100.0] * 4, [1.0, 0, 0, 1]]))
+    loss, report = task(batch, task.count_targets(batch))
+    assert float(loss.detach()) == pytest.approx(0.2 * math.log(2)) and "prot_taxonomy/tp" in report
+
+    # A list label for a task left multi-class stops the run at start, saying what to set.
+    labels = tmp_path / "label"
+    write_labels(labels, "prot_taxonomy", ["a", "b", "c", "d"])
+    stats = LabelStats({"prot_taxonomy": {"records": 5, "lists": 2, "max_index": 3}})
+    with pytest.raises(ValueError, match=r"2 training records give a list .*tasks.output_modes.prot_taxonomy=multi_label"):
+        plan_tasks(["prot_taxonomy"], str(labels), [], stats)
+    assert plan_tasks(["prot_taxonomy"], str(labels), [], stats, output_modes={"prot_taxonomy": "multi_label"}).output_modes == {
+        "prot_taxonomy": "multi_label"}  # fmt: skip
+
+
+@pytest.mark.parametrize("loss_type,by_hand", [("l1", 2 / 3), ("l2", (0.25 + 1 + 0.25) / 3), ("smooth_l1", (0.125 + 0.5 + 0.125) / 3)])
+def test_structure_loss_types_by_hand(loss_type, by_hand):
+    task = build_task(TinyEncoder(), ["prot_structure"], classifier_sizes={"prot_structure": 2},
+                      loss_types={"prot_structure": loss_type})  # fmt: skip
+    zero_heads(task)  # predictions 0: errors are the targets themselves
+    labels = torch.full((3, 5, 3), float("nan"))
+    labels[0, 2] = torch.tensor([0.5, 1.0, 0.0]) - torch.tensor([0.0, 0.0, 0.5])  # |errors| 0.5, 1.0, 0.5
+    batch = batch_of(prot_structure_labels=labels)
+    loss, report = task(batch, task.count_targets(batch))
+    assert float(loss.detach()) == pytest.approx(by_hand)
+    assert metrics_from_sums({k: float(v) for k, v in report.items()})["prot_structure/mae"] == pytest.approx(2 / 3)

@@ -140,18 +140,20 @@ class Collator:
       input_ids, token_type_ids, attention_mask, labels: (B, L) int64
       sample_ids: (B,) int64; num_tokens: () real tokens including CLS/SEP.
     `masking=None` produces no labels (inference / embedding).
-    `label_tasks` (with `num_labels` for multi-label tasks) adds one `<task>_labels` tensor per task
-    (layouts in `lucatrain.data.labels`).
+    `label_tasks` (with `num_labels` for multi-label tasks, `output_modes` where a task's mode differs
+    from the task table) adds one `<task>_labels` tensor per task (layouts in `lucatrain.data.labels`).
     """
 
     def __init__(self, max_length: int, truncation: str = "right", masking: MaskingConfig | None = None, seed: int = 0,
-                 label_tasks: tuple[str, ...] = (), num_labels: dict[str, int] | None = None):  # fmt: skip
+                 label_tasks: tuple[str, ...] = (), num_labels: dict[str, int] | None = None,
+                 output_modes: dict[str, str] | None = None):  # fmt: skip
         self.max_length = max_length
         self.truncation = truncation
         self.masking = masking
         self.seed = seed
         self.label_tasks = tuple(label_tasks)
         self.num_labels = dict(num_labels or {})
+        self.output_modes = dict(output_modes or {})
 
     def __call__(self, rows: dict, epoch: int) -> dict[str, torch.Tensor]:
         obj_types = np.asarray(rows["obj_type"], dtype=np.int64)
@@ -190,7 +192,7 @@ class Collator:
         if self.label_tasks:
             lengths = np.array([len(seq) for seq in rows["seq"]], dtype=np.int64)
             cuts = lengths - n_residues if self.truncation == "left" else np.zeros_like(lengths)
-            encoded = encode_labels(rows["labels"], self.label_tasks, self.num_labels, n_residues, cuts, width)
+            encoded = encode_labels(rows["labels"], self.label_tasks, self.num_labels, n_residues, cuts, width, self.output_modes)
             out.update({key: torch.from_numpy(value) for key, value in encoded.items()})
         return out
 

@@ -58,35 +58,36 @@ def task_labels(labels: dict):
                 yield level, name, value
 
 
-def check_labels(labels: dict, obj_type: int, seq_len: int) -> dict[str, int]:
-    """Validate a record's label dict against the task table; return {task: largest label index}.
+def check_labels(labels: dict, obj_type: int, seq_len: int) -> dict[str, tuple[int, bool]]:
+    """Validate a record's label dict against the task table.
 
-    Raises ValueError saying which task and which entry is wrong. Entries of tasks not in the table
-    are not checked and are returned with index -1 (prepare counts them, the trainer names them).
+    Returns {task: (largest label index, whether the label is a list of indices)}. Raises ValueError
+    saying which task and which entry is wrong. Entries of tasks not in the table are not checked and
+    are returned as (-1, False) (prepare counts them, the trainer names them). A sequence-level class
+    label may be one index or a list of them: which one a task needs depends on its output mode, a
+    run setting, checked at start-up against the counts prepare stores.
     """
-    found: dict[str, int] = {}
+    found: dict[str, tuple[int, bool]] = {}
     for level, name, value in task_labels(labels):
         spec = TASKS.get(name)
         if spec is None or spec.level != level:
-            found[f"{level}.{name}" if name else level] = -1
+            found[f"{level}.{name}" if name else level] = (-1, False)
             continue
         where = f"{level}.{name}"
         if spec.obj_type != obj_type:
             kinds = {0: "gene", 1: "prot"}
             raise ValueError(f"{where} is a {kinds[spec.obj_type]} task but the record is {kinds[obj_type]}")
         if spec.level == "span_level":
-            found[name] = _check_spans(where, value, seq_len)
-        elif spec.output_mode == MULTI_CLASS:
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"{where} must be a class index (int >= 0), got {value!r}")
-            found[name] = value
-        elif spec.output_mode == MULTI_LABEL:
-            if not isinstance(value, list) or not all(_is_int(v) and v >= 0 for v in value):
-                raise ValueError(f"{where} must be a list of label indices (ints >= 0), got {_short(value)}")
-            found[name] = max(value, default=-1)
+            found[name] = (_check_spans(where, value, seq_len), False)
         elif spec.output_mode == REGRESSION:
             _check_coordinates(where, value, seq_len)
-            found[name] = -1
+            found[name] = (-1, False)
+        elif _is_int(value) and value >= 0:
+            found[name] = (value, False)
+        elif isinstance(value, list) and all(_is_int(v) and v >= 0 for v in value):
+            found[name] = (max(value, default=-1), True)
+        else:
+            raise ValueError(f"{where} must be a label index (int >= 0) or a list of them, got {_short(value)}")
     return found
 
 
@@ -126,16 +127,21 @@ def _short(value) -> str:
 
 
 class LabelStats:
-    """Per task: how many records carry it and the largest label index seen (meta.json `labels`)."""
+    """Per task: how many records carry it, how many of those as a list of indices, and the largest
+    label index seen (meta.json `labels`)."""
 
     def __init__(self, stats: dict | None = None):
         self.stats: dict[str, dict[str, int]] = {k: dict(v) for k, v in (stats or {}).items()}
 
-    def add(self, found: dict[str, int]) -> None:
-        for name, largest in found.items():
-            entry = self.stats.setdefault(name, {"records": 0, "max_index": -1})
+    def add(self, found: dict[str, tuple[int, bool]]) -> None:
+        for name, (largest, is_list) in found.items():
+            entry = self.stats.setdefault(name, {"records": 0, "lists": 0, "max_index": -1})
             entry["records"] += 1
+            entry["lists"] += int(is_list)
             entry["max_index"] = max(entry["max_index"], largest)
+
+    def lists(self, name: str) -> int:
+        return self.stats.get(name, {}).get("lists", 0)
 
     def records(self, name: str) -> int:
         return self.stats.get(name, {}).get("records", 0)
@@ -188,18 +194,21 @@ def read_label_file(path) -> list[str]:
 # Encoding a micro-batch (collate time)
 
 
-def encode_labels(label_texts, task_names, num_labels: dict[str, int], n_residues, cuts, width: int) -> dict:
+def encode_labels(label_texts, task_names, num_labels: dict[str, int], n_residues, cuts, width: int,
+                  output_modes: dict[str, str] | None = None) -> dict:  # fmt: skip
     """Label arrays for one micro-batch, aligned with the collated tokens (module docstring).
 
     label_texts: canonical JSON per row; n_residues: residues kept per row; cuts: residues removed
-    from the left per row (truncation="left"). Spans falling outside the kept residues are clipped
-    or dropped. Returns {f"{task}_labels": numpy array}.
+    from the left per row (truncation="left"); output_modes: task -> mode where it differs from the
+    table (a multi-label task takes a single index as a one-item list). Spans falling outside the
+    kept residues are clipped or dropped. Returns {f"{task}_labels": numpy array}.
     """
     batch = len(label_texts)
     parsed = [json.loads(text) if text and text != "{}" else {} for text in label_texts]
     out = {}
     for name in task_names:
         spec = TASKS[name]
+        mode = (output_modes or {}).get(name, spec.output_mode)
         key = f"{name}_labels"
         if spec.level == "span_level":
             arr = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)
@@ -208,20 +217,21 @@ def encode_labels(label_texts, task_names, num_labels: dict[str, int], n_residue
                     lo, hi = max(start - cuts[i], 0), min(end - cuts[i], n_residues[i] - 1)
                     if lo <= hi:
                         arr[i, lo + 1 : hi + 2] = index  # +1: [CLS] is token 0
-        elif spec.output_mode == MULTI_CLASS:
+        elif mode == MULTI_CLASS:
             arr = np.full(batch, IGNORE_INDEX, dtype=np.int64)
             for i, labels in enumerate(parsed):
                 value = labels.get(spec.level, {}).get(name)
                 if value is not None:
                     arr[i] = value
-        elif spec.output_mode == MULTI_LABEL:
+        elif mode == MULTI_LABEL:
             arr = np.full((batch, num_labels[name]), IGNORE_INDEX, dtype=np.float32)
             for i, labels in enumerate(parsed):
                 value = labels.get(spec.level, {}).get(name)
                 if value is not None:
+                    value = value if isinstance(value, list) else [value]
                     arr[i] = 0.0  # a record with the task: every label it does not list is a negative
                     arr[i, value] = 1.0
-        elif spec.output_mode == REGRESSION:
+        elif mode == REGRESSION:
             arr = np.full((batch, width, 3), np.nan, dtype=np.float32)
             for i, labels in enumerate(parsed):
                 coords = labels.get(spec.level, {}).get(name)

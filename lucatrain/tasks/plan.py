@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lucatrain.data.labels import LabelStats, read_label_file
-from lucatrain.tasks.specs import MLM, TASKS
+from lucatrain.tasks.specs import MLM, MULTI_CLASS, TASKS
 
 
 @dataclass
@@ -30,6 +30,8 @@ class TaskPlan:
     """Selected tasks not trained -> why."""
     unknown_label_keys: list[str] = field(default_factory=list)
     """Label entries in the data that name no task (e.g. a typo such as seq_level.prot_keywords)."""
+    output_modes: dict[str, str] = field(default_factory=dict)
+    """Output mode per trained task (the table's unless `tasks.output_modes` says otherwise)."""
 
     @property
     def obj_types(self) -> list[int]:
@@ -53,7 +55,7 @@ def default_label_dir(train_files) -> Path | None:
 
 
 def plan_tasks(selected: list[str], label_dir: str, train_files, train_stats: LabelStats,
-               dev_stats: LabelStats | None = None) -> TaskPlan:  # fmt: skip
+               dev_stats: LabelStats | None = None, output_modes: dict[str, str] | None = None) -> TaskPlan:  # fmt: skip
     """The TaskPlan for `selected` tasks; raises ValueError naming the file or task that is wrong."""
     plan = TaskPlan(names=[], unknown_label_keys=train_stats.unknown_keys())
     for name in selected:
@@ -63,6 +65,14 @@ def plan_tasks(selected: list[str], label_dir: str, train_files, train_stats: La
             plan.names.append(name)
     if not plan.names:
         raise ValueError(f"none of the selected tasks can be trained: {plan.dropped}")
+    plan.output_modes = {n: (output_modes or {}).get(n, TASKS[n].output_mode) for n in plan.names}
+    for name, mode in plan.output_modes.items():
+        for which, stats in (("training", train_stats), ("dev", dev_stats)):
+            if mode == MULTI_CLASS and stats is not None and stats.lists(name):
+                raise ValueError(
+                    f"{name} is multi_class (one label index per record) but {stats.lists(name)} {which} records give "
+                    f"a list of indices; set `tasks.output_modes.{name}=multi_label` or fix the labels"
+                )
 
     needs_files = [n for n in plan.names if TASKS[n].has_label_file]
     if not needs_files:

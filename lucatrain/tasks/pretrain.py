@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lucatrain.data.alphabet import IGNORE_INDEX
-from lucatrain.tasks.specs import MLM, MULTI_CLASS, MULTI_LABEL, REGRESSION, TASKS
+from lucatrain.tasks.specs import LOSS_TYPES, MLM, MULTI_CLASS, MULTI_LABEL, REGRESSION, TASKS
+
+# Regression losses by `tasks.loss_types` name, all summed over coordinates.
+REGRESSION_LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
 
 
 class TaskHead(nn.Module):
@@ -41,24 +44,43 @@ def num_outputs(name: str, num_labels: dict[str, int]) -> int:
     return 3 if TASKS[name].output_mode == REGRESSION else num_labels[name]
 
 
+def resolve_modes(names, output_modes: dict | None, loss_types: dict | None) -> tuple[dict, dict]:
+    """(task -> output mode, task -> loss type) for `names`: the table's, overridden by the config's.
+    Raises ValueError for a mode or loss type the task cannot take."""
+    modes, losses = {}, {}
+    for name in names:
+        spec = TASKS[name]
+        modes[name] = (output_modes or {}).get(name, spec.output_mode)
+        if modes[name] not in spec.output_modes:
+            raise ValueError(f"`tasks.output_modes.{name}`: {modes[name]!r} is not possible; choose from {list(spec.output_modes)}")
+        losses[name] = (loss_types or {}).get(name, LOSS_TYPES[modes[name]][0])
+        if losses[name] not in LOSS_TYPES[modes[name]]:
+            raise ValueError(f"`tasks.loss_types.{name}`: {losses[name]!r} does not fit a {modes[name]} task; "
+                             f"choose from {list(LOSS_TYPES[modes[name]])}")  # fmt: skip
+    return modes, losses
+
+
 class PretrainTask(nn.Module):
     """`loss, report = task(batch, totals)` for any selection of the tasks in `specs.TASKS`.
 
     report holds, per task, `<task>/loss_sum` and `<task>/count` (targets), plus `<task>/correct`
-    (multi-class), `<task>/tp|fp|fn` vectors over labels (multi-label); the trainer sums them over
-    micro-batches and ranks and turns them into metrics (`metrics_from_sums`).
+    (multi-class), `<task>/tp|fp|fn` vectors over labels (multi-label), `<task>/abs_err_sum`
+    (regression); the trainer sums them over micro-batches and ranks and turns them into metrics
+    (`metrics_from_sums`). `output_modes` and `loss_types` override the task table per task.
     """
 
     def __init__(self, model: nn.Module, task_names, weights: dict[str, float] | None = None,
                  num_labels: dict[str, int] | None = None, classifier_sizes: dict[str, int] | None = None,
-                 classifier_dropout: float = 0.0):  # fmt: skip
+                 classifier_dropout: float = 0.0, output_modes: dict[str, str] | None = None,
+                 loss_types: dict[str, str] | None = None):  # fmt: skip
         super().__init__()
         weights, num_labels, classifier_sizes = weights or {}, num_labels or {}, classifier_sizes or {}
         self.model = model
         self.task_names = [n for n in TASKS if n in set(task_names)]  # table order, the same on every rank
         self.weights = {n: float(weights.get(n, TASKS[n].default_weight)) for n in self.task_names}
-        self.mlm_tasks = [n for n in self.task_names if TASKS[n].output_mode == MLM]
-        self.label_tasks = [n for n in self.task_names if TASKS[n].output_mode != MLM]
+        self.modes, self.loss_types = resolve_modes(self.task_names, output_modes, loss_types)
+        self.mlm_tasks = [n for n in self.task_names if self.modes[n] == MLM]
+        self.label_tasks = [n for n in self.task_names if self.modes[n] != MLM]
         hidden = model.config.hidden_size
         self.heads = nn.ModuleDict({
             name: TaskHead(hidden, classifier_sizes.get(name, TASKS[name].default_classifier_size),
@@ -68,10 +90,9 @@ class PretrainTask(nn.Module):
 
     # ------------------------------------------------------------------ targets
 
-    @staticmethod
-    def target_mask(name: str, labels: torch.Tensor) -> torch.Tensor:
+    def target_mask(self, name: str, labels: torch.Tensor) -> torch.Tensor:
         """Which positions (per-token tasks) or rows (sequence tasks) of `labels` carry a target."""
-        mode = TASKS[name].output_mode
+        mode = self.modes[name]
         if mode == REGRESSION:
             return ~torch.isnan(labels[..., 0])
         if mode == MULTI_LABEL:
@@ -88,8 +109,7 @@ class PretrainTask(nn.Module):
         for name in self.label_tasks:
             labels = batch[f"{name}_labels"]
             present = int(self.target_mask(name, labels).sum())
-            mode = TASKS[name].output_mode
-            counts[name] = present * (labels.shape[-1] if mode in (MULTI_LABEL, REGRESSION) else 1)
+            counts[name] = present * (labels.shape[-1] if self.modes[name] in (MULTI_LABEL, REGRESSION) else 1)
         return counts
 
     # ------------------------------------------------------------------ forward
@@ -128,7 +148,7 @@ class PretrainTask(nn.Module):
         return sums
 
     def _label_task(self, name, head, hidden, labels, report) -> torch.Tensor:
-        mode = TASKS[name].output_mode
+        mode = self.modes[name]
         present = self.target_mask(name, labels)
         # Per-token tasks read every residue token; sequence tasks read the [CLS] vector (token 0).
         inputs = hidden[present] if TASKS[name].per_token else hidden[:, 0][present]
@@ -146,8 +166,9 @@ class PretrainTask(nn.Module):
             report[f"{name}/fp"] = (predicted & ~actual).sum(dim=0).float().detach()
             report[f"{name}/fn"] = (~predicted & actual).sum(dim=0).float().detach()
             count = targets.numel()
-        else:  # REGRESSION: L1 on the scaled coordinates
-            loss_sum = F.l1_loss(outputs, targets, reduction="sum")
+        else:  # REGRESSION on the scaled coordinates: L1 (LucaOne), L2 or smooth L1; MAE reported either way
+            loss_sum = REGRESSION_LOSSES[self.loss_types[name]](outputs, targets, reduction="sum")
+            report[f"{name}/abs_err_sum"] = (outputs - targets).abs().sum().detach()
             count = targets.numel()
         report[f"{name}/loss_sum"] = loss_sum.detach()
         report[f"{name}/count"] = torch.tensor(float(count), device=outputs.device)
@@ -178,6 +199,6 @@ def metrics_from_sums(sums: dict) -> dict[str, float]:
             occurring = (tp + fp + fn) > 0
             per_label = 2 * tp[occurring] / (2 * tp[occurring] + fp[occurring] + fn[occurring])
             out[f"{name}/macro_f1"] = float(per_label.mean()) if occurring.any() else 0.0
-        if TASKS.get(name) is not None and TASKS[name].output_mode == REGRESSION:
-            out[f"{name}/mae"] = out[f"{name}/loss"]
+        if f"{name}/abs_err_sum" in sums:
+            out[f"{name}/mae"] = float(sums[f"{name}/abs_err_sum"]) / count
     return out

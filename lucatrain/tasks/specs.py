@@ -34,6 +34,11 @@ MULTI_CLASS = "multi_class"  # softmax cross-entropy over the label file's class
 MULTI_LABEL = "multi_label"  # one sigmoid per label, BCE over *every* label (unlisted = negative)
 REGRESSION = "regression"  # x, y, z per residue, L1
 
+# Loss types per output mode (`tasks.loss_types`); the first is LucaOne's and the default.
+LOSS_TYPES = {MLM: ("cce",), MULTI_CLASS: ("cce",), MULTI_LABEL: ("bce",), REGRESSION: ("l1", "l2", "smooth_l1")}
+METRICS = {MLM: ("loss", "acc"), MULTI_CLASS: ("loss", "acc"), MULTI_LABEL: ("loss", "micro_f1", "macro_f1"),
+           REGRESSION: ("loss", "mae")}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -49,9 +54,12 @@ class TaskSpec:
         return self.output_mode in (MULTI_CLASS, MULTI_LABEL)
 
     @property
-    def metrics(self) -> tuple[str, ...]:
-        """What is logged for this task as `<task>/<metric>`."""
-        return {MULTI_LABEL: ("loss", "micro_f1", "macro_f1"), REGRESSION: ("loss", "mae")}.get(self.output_mode, ("loss", "acc"))
+    def output_modes(self) -> tuple[str, ...]:
+        """Output modes `tasks.output_modes` may choose: a sequence-level classification task may be
+        multi-class (one index per record) or multi-label (a list of indices); others are fixed."""
+        if self.level == "seq_level" and self.output_mode in (MULTI_CLASS, MULTI_LABEL):
+            return (MULTI_CLASS, MULTI_LABEL)
+        return (self.output_mode,)
 
     @property
     def per_token(self) -> bool:
