@@ -96,7 +96,7 @@ class Record:
     index: int
     """0-based record index within its file; bad records are counted too."""
     label_max: dict = field(default_factory=dict, compare=False)
-    """Task -> largest label index this record uses (from `labels.check_labels`), for meta.json."""
+    """Task -> (largest label index, given as a list?) of this record (`labels.check_labels`), for meta.json."""
 
 
 # --------------------------------------------------------------------------------------------
