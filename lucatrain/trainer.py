@@ -36,7 +36,7 @@ from lucatrain.models.lucaone_checkpoint import (
     load_lucaone_heads,
     model_from_lucaone_checkpoint,
 )
-from lucatrain.monitor import Monitor, get_logger, setup_logging
+from lucatrain.monitor import Monitor, setup_logging
 from lucatrain.progress import Ledger
 from lucatrain.tasks import TASKS, build_task, metrics_from_sums
 from lucatrain.tasks.specs import METRICS

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lucatrain.data.labels import LabelStats, read_label_file
-from lucatrain.tasks.specs import MLM, MULTI_CLASS, TASKS
+from lucatrain.tasks.pretrain import resolve_modes
+from lucatrain.tasks.specs import MULTI_CLASS, TASKS
 
 
 @dataclass
@@ -40,7 +41,7 @@ class TaskPlan:
 
     @property
     def label_tasks(self) -> list[str]:
-        return [n for n in self.names if TASKS[n].output_mode != MLM]
+        return [n for n in self.names if TASKS[n].has_head]
 
 
 def default_label_dir(train_files) -> Path | None:
@@ -59,13 +60,13 @@ def plan_tasks(selected: list[str], label_dir: str, train_files, train_stats: La
     """The TaskPlan for `selected` tasks; raises ValueError naming the file or task that is wrong."""
     plan = TaskPlan(names=[], unknown_label_keys=train_stats.unknown_keys())
     for name in selected:
-        if TASKS[name].output_mode != MLM and train_stats.records(name) == 0:
+        if TASKS[name].has_head and train_stats.records(name) == 0:
             plan.dropped[name] = f"no training record carries a {TASKS[name].level}.{name} label"
         else:
             plan.names.append(name)
     if not plan.names:
         raise ValueError(f"none of the selected tasks can be trained: {plan.dropped}")
-    plan.output_modes = {n: (output_modes or {}).get(n, TASKS[n].output_mode) for n in plan.names}
+    plan.output_modes = resolve_modes(plan.names, output_modes, None)[0]
     for name, mode in plan.output_modes.items():
         for which, stats in (("training", train_stats), ("dev", dev_stats)):
             if mode == MULTI_CLASS and stats is not None and stats.lists(name):

@@ -80,7 +80,7 @@ class PretrainTask(nn.Module):
         self.weights = {n: float(weights.get(n, TASKS[n].default_weight)) for n in self.task_names}
         self.modes, self.loss_types = resolve_modes(self.task_names, output_modes, loss_types)
         self.mlm_tasks = [n for n in self.task_names if self.modes[n] == MLM]
-        self.label_tasks = [n for n in self.task_names if self.modes[n] != MLM]
+        self.label_tasks = [n for n in self.task_names if TASKS[n].has_head]
         hidden = model.config.hidden_size
         self.heads = nn.ModuleDict({
             name: TaskHead(hidden, classifier_sizes.get(name, TASKS[name].default_classifier_size),
@@ -157,7 +157,6 @@ class PretrainTask(nn.Module):
         if mode == MULTI_CLASS:
             loss_sum = F.cross_entropy(outputs, targets, reduction="sum")
             report[f"{name}/correct"] = (outputs.argmax(dim=-1) == targets).sum().float()
-            count = targets.numel()
         elif mode == MULTI_LABEL:
             # Every label of a record that has the task is a target: unlisted labels are negatives.
             loss_sum = F.binary_cross_entropy_with_logits(outputs, targets, reduction="sum")
@@ -165,13 +164,11 @@ class PretrainTask(nn.Module):
             report[f"{name}/tp"] = (predicted & actual).sum(dim=0).float().detach()
             report[f"{name}/fp"] = (predicted & ~actual).sum(dim=0).float().detach()
             report[f"{name}/fn"] = (~predicted & actual).sum(dim=0).float().detach()
-            count = targets.numel()
         else:  # REGRESSION on the scaled coordinates: L1 (LucaOne), L2 or smooth L1; MAE reported either way
             loss_sum = REGRESSION_LOSSES[self.loss_types[name]](outputs, targets, reduction="sum")
             report[f"{name}/abs_err_sum"] = (outputs - targets).abs().sum().detach()
-            count = targets.numel()
         report[f"{name}/loss_sum"] = loss_sum.detach()
-        report[f"{name}/count"] = torch.tensor(float(count), device=outputs.device)
+        report[f"{name}/count"] = torch.tensor(float(targets.numel()), device=outputs.device)
         return loss_sum
 
 

@@ -50,6 +50,11 @@ class TaskSpec:
     default_classifier_size: int = 0  # hidden width of the head, as in those scripts (0: no head)
 
     @property
+    def has_head(self) -> bool:
+        """A label task with a head of its own (all but the masked-LM tasks, which share the LM head)."""
+        return self.output_mode != MLM
+
+    @property
     def has_label_file(self) -> bool:
         return self.output_mode in (MULTI_CLASS, MULTI_LABEL)
 
