@@ -203,7 +203,7 @@ def collator_breakdown(batches: list[dict], max_length: int, seed: int, repeats:
 def model_consumption(batches: list[dict], args) -> dict:
     """Tokens/s one demo_tiny training step consumes on these micro-batches (fwd + bwd + AdamW)."""
     from lucatrain.config import load_config
-    from lucatrain.tasks import build_task
+    from lucatrain.families.lucaone import build_task
     from lucatrain.trainer import build_model
 
     torch.set_num_threads(args.threads)

@@ -146,7 +146,7 @@ def long_gene_batch(args) -> dict:
 
 def worker(args) -> dict:
     from lucatrain.models.lucagplm import LucaGPLM, LucaGPLMConfig
-    from lucatrain.tasks import build_task
+    from lucatrain.families.lucaone import build_task
 
     checkpointing = args.worker == "on"
     torch.set_num_threads(args.threads)

@@ -4,8 +4,10 @@ Layout of `<output_dir>/checkpoints/`:
 
     step-000120/              one committed checkpoint
         ds/                   DeepSpeed's model/optimizer/scheduler shards (every rank writes its own)
-        trainer_state.json    trainer counters and the world it was written by
-        ledger/               the progress ledger (lucatrain.progress)
+        state/                everything else that survives a restart, in one dict (lucatrain.state):
+                              trainer counters and world size, the family's resume record, the Task's
+                              and callbacks' run state, the progress ledger (lucatrain.progress)
+        export.json           what an offline export needs besides the weights (the family's record)
         rng/rank<R>.npz       every RNG state of rank R (python, numpy, torch CPU, CUDA), no pickle
         manifest.json         written last: every file with its size, the step, a ledger summary
     latest                    text file naming the newest committed checkpoint
@@ -31,6 +33,7 @@ from lucatrain import dist
 from lucatrain.monitor import get_logger
 
 MANIFEST = "manifest.json"
+EXPORT_INFO = "export.json"  # the family's export record: what an offline export needs besides the weights
 LATEST = "latest"
 STAGING_PREFIX = ".staging-"
 

@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--format", default="auto", help="auto, lucaone_csv, fasta, swissprot, parquet, jsonl")
     prep.add_argument("--fasta-obj-type", default="auto", choices=("auto", "gene", "prot"))
     prep.add_argument("--bad-records", default="fail", choices=("fail", "skip"))
+    prep.add_argument("--family", default="lucaone_gplm", help="model family whose record checks apply (model.model_type)")
 
     aud = verbs.add_parser("audit", help="report from a run's progress ledger: consumption, duplicates, unseen ids")
     aud.add_argument("run_dir", help="a run directory (its latest complete checkpoint is read) or a checkpoint directory")
@@ -58,9 +59,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args) -> int:
+    from lucatrain.config import Config
     from lucatrain.data.prepared import prepare
+    from lucatrain.families import get_family
+    from lucatrain.monitor import get_logger
 
-    data = prepare(args.inputs, args.out, fmt=args.format, fasta_obj_type=args.fasta_obj_type, bad_records=args.bad_records)
+    recipe = get_family(args.family)(Config(), get_logger()).prepare_recipe()
+    data = prepare(args.inputs, args.out, fmt=args.format, fasta_obj_type=args.fasta_obj_type, bad_records=args.bad_records,
+                   recipe=recipe)  # fmt: skip
     print(f"prepared {data.num_records} records into {data.path} (fingerprint {data.fingerprint[:16]})")
     return 0
 
@@ -79,7 +85,7 @@ def _ledger_of(run_or_checkpoint: str):
     from lucatrain.progress import Ledger
 
     path = _checkpoint_of(run_or_checkpoint)
-    return path, Ledger.load(path / "ledger")
+    return path, Ledger.from_checkpoint(path)
 
 
 def _export(args) -> int:
@@ -92,15 +98,15 @@ def _export(args) -> int:
 
 
 def _audit(args) -> int:
-    import json
-
     import numpy as np
 
     from lucatrain.data.prepared import is_prepared, load_prepared
     from lucatrain.progress import audit
 
+    from lucatrain.state import read_state
+
     path, ledger = _ledger_of(args.run_dir)
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = read_state(path / "state")["trainer"]
     all_ids = None
     if is_prepared(state.get("train_data", "")):
         all_ids = load_prepared(state["train_data"]).sample_ids

@@ -119,9 +119,12 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)
     """Training inputs: files or directories (LucaOne CSV, FASTA, Swiss-Prot .dat, Parquet, JSONL), or one prepared dataset directory."""
     dev_files: list[str] = field(default_factory=list)
-    """Dev inputs for periodic evaluation (empty = no evaluation)."""
+    """Dev inputs for periodic evaluation (empty = no evaluation), logged as `eval/<metric>`."""
+    dev_splits: dict[str, list[str]] = field(default_factory=dict)
+    """More dev sets by name, e.g. `{val_seen: [a.csv], val_unseen: [b.csv]}`; each is evaluated and
+    logged as `eval/<name>/<metric>`."""
     format: str = "auto"
-    """Input format: 'auto' (by extension), 'lucaone_csv', 'fasta', 'swissprot', 'parquet', 'jsonl'."""
+    """Input format: 'auto' (by extension), 'lucaone_csv', 'seq_label_csv', 'fasta', 'swissprot', 'parquet', 'jsonl'."""
     fasta_obj_type: str = "auto"
     """Molecule type of FASTA records: 'auto' (detected per record), 'gene', 'prot'."""
     bad_records: str = "fail"
@@ -140,7 +143,9 @@ class DataConfig:
     """DataLoader worker processes for tokenize+mask+pad (0 = in the training process)."""
 
     def validate(self) -> None:
-        _check_choice("data.format", self.format, ("auto", "lucaone_csv", "fasta", "swissprot", "parquet", "jsonl"))
+        from lucatrain.data.sources import formats
+
+        _check_choice("data.format", self.format, ("auto", *formats()))
         _check_choice("data.fasta_obj_type", self.fasta_obj_type, ("auto", "gene", "prot"))
         _check_choice("data.bad_records", self.bad_records, ("fail", "skip"))
         _check_choice("data.truncation", self.truncation, ("right", "left"))
@@ -159,7 +164,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     model_type: str = "lucaone_gplm"
-    """Model family (registry name)."""
+    """Model family (registry name, `lucatrain.families`): 'lucaone_gplm' (LucaOne/LucaVirus masked-LM
+    pretraining with its span, sequence and structure tasks) or 'seq_finetune' (a sequence-level label
+    on a pretrained encoder, as LucaOne's downstream tasks)."""
     model_dirpath: str = ""
     """Initialise weights from a lucatrain export (config.json + model.safetensors) or a LucaOne/LucaVirus
     checkpoint directory (config.json + pytorch.pth; sizes then come from its config.json). With
@@ -202,88 +209,9 @@ class ModelConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"`model.{name}` must be in [0, 1), got {getattr(self, name)}")
-        from lucatrain.tasks import TASK_NAMES
+        from lucatrain.families import family_names
 
-        for name in self.lucaone_head_tasks:
-            if name not in TASK_NAMES:
-                raise ConfigError(f"`model.lucaone_head_tasks`: unknown task {name!r}; valid tasks are {list(TASK_NAMES)}")
-
-
-@dataclass
-class TasksConfig:
-    names: list[str] = field(default_factory=lambda: ["gene_mask", "prot_mask"])
-    """Pretraining tasks to run, exact names (LucaOne's --pretrain_task_level_name); empty = every task
-    of `level_types`. Tasks: gene_mask, prot_mask (token); gene_type, prot_homo, prot_site, prot_domain
-    (span); gene_taxonomy, prot_taxonomy, prot_keyword (seq); prot_structure (structure)."""
-    level_types: list[str] = field(default_factory=lambda: ["all"])
-    """Task levels to train (LucaOne's --pretrain_task_level_type): token_level, span_level, seq_level,
-    structure_level, or all. Every task in `names` must belong to one of them."""
-    weights: dict[str, float] = field(default_factory=dict)
-    """Loss weight per task name (missing: LucaVirus's 1.0 for masked-LM, keywords and structure, 0.2 for
-    span and taxonomy tasks). The loss is the weighted sum over tasks."""
-    label_dir: str = ""
-    """Directory of the label files `<task>.txt` (a `label` header line, then one name per line; the
-    class count of a task's head is their number). Empty: `label/` beside the train files' directory,
-    as in LucaOne's dataset layout (<dataset>/train, <dataset>/label)."""
-    classifier_sizes: dict[str, int] = field(default_factory=dict)
-    """Hidden width of a task head (LucaOne's --<task>_classifier_size); missing: the LucaOne v2.0
-    script values (gene_type 128, prot_homo 4096, prot_site 1024, prot_domain 10240, taxonomy and
-    keyword 2048, structure 128)."""
-    classifier_dropout: float = 0.0
-    """Dropout before each task head's hidden layer (LucaOne's scripts: 0)."""
-    output_modes: dict[str, str] = field(default_factory=dict)
-    """Output mode per task where it differs from LucaOne's: gene_taxonomy, prot_taxonomy and prot_keyword
-    may each be multi_class (one label index per record) or multi_label (a list; unlisted = negative)."""
-    loss_types: dict[str, str] = field(default_factory=dict)
-    """Loss per task where it differs from LucaOne's: cce (multi_class), bce (multi_label), and for
-    prot_structure l1 (default), l2 or smooth_l1."""
-    mask_prob: float = 0.15
-    """Fraction of residues selected for masked-LM (at least one per sequence)."""
-    mask_token_prob: float = 0.8
-    """Of the selected residues: fraction replaced by [MASK]."""
-    random_token_prob: float = 0.1
-    """Of the selected residues: fraction replaced by a random residue of the same molecule."""
-
-    def selected(self) -> list[str]:
-        """The task names this config trains, in the task table's order."""
-        from lucatrain.tasks.specs import select_tasks
-
-        return select_tasks(self.level_types, self.names)
-
-    def validate(self) -> None:
-        from lucatrain.tasks import TASK_NAMES
-
-        try:
-            chosen = self.selected()
-        except ValueError as err:
-            raise ConfigError(f"`tasks.names` / `tasks.level_types`: {err}") from None
-        if not chosen:
-            raise ConfigError(f"`tasks.names` selects no task; choose from {list(TASK_NAMES)}")
-        for section in ("weights", "classifier_sizes", "output_modes", "loss_types"):
-            for name in getattr(self, section):
-                if name not in TASK_NAMES:
-                    raise ConfigError(f"`tasks.{section}`: unknown task {name!r}; valid tasks are {list(TASK_NAMES)}")
-        for name, weight in self.weights.items():
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-                raise ConfigError(f"`tasks.weights.{name}` must be a number >= 0, got {weight!r}")
-        for name, size in self.classifier_sizes.items():
-            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-                raise ConfigError(f"`tasks.classifier_sizes.{name}` must be an integer > 0, got {size!r}")
-        from lucatrain.tasks.pretrain import resolve_modes
-
-        try:
-            resolve_modes(list(TASK_NAMES), self.output_modes, self.loss_types)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        if not 0.0 <= self.classifier_dropout < 1.0:
-            raise ConfigError(f"`tasks.classifier_dropout` must be in [0, 1), got {self.classifier_dropout}")
-        if not 0.0 < self.mask_prob < 1.0:
-            raise ConfigError(f"`tasks.mask_prob` must be in (0, 1), got {self.mask_prob}")
-        for name in ("mask_token_prob", "random_token_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"`tasks.{name}` must be in [0, 1], got {getattr(self, name)}")
-        if self.mask_token_prob + self.random_token_prob > 1.0:
-            raise ConfigError("`tasks.mask_token_prob` + `tasks.random_token_prob` must be <= 1")
+        _check_choice("model.model_type", self.model_type, family_names())
 
 
 @dataclass
@@ -350,54 +278,106 @@ class DeepSpeedConfig:
             ) from None
 
 
+# ----------------------------------------------------------------------------- family sections
+
+FAMILY_SECTIONS: dict[str, type] = {}
+"""Config sections that model families add (`register_section`), e.g. `tasks` (LucaOne's task
+selection) or `finetune`; parsed and type-checked like the core sections."""
+
+
+def register_section(name: str, cls: type) -> type:
+    """Add a config section (a dataclass with a `validate()` method) under `name`."""
+    if name in FAMILY_SECTIONS and FAMILY_SECTIONS[name] is not cls:
+        raise ValueError(f"config section `{name}` is registered twice")
+    FAMILY_SECTIONS[name] = cls
+    return cls
+
+
 @dataclass
 class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    tasks: TasksConfig = field(default_factory=TasksConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     bnb: BnbConfig = field(default_factory=BnbConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    sections: dict = field(default_factory=dict)
+    """The family sections (FAMILY_SECTIONS), by name; also reachable as attributes (`cfg.tasks`)."""
+
+    def __post_init__(self):
+        _load_families()
+        for name, cls in FAMILY_SECTIONS.items():
+            self.sections.setdefault(name, cls())
+
+    def __getattr__(self, name: str):
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"Config has no section {name!r}")
 
     def validate(self) -> "Config":
         for section in dataclasses.fields(self):
-            getattr(self, section.name).validate()
+            if section.name != "sections":
+                getattr(self, section.name).validate()
         if self.data.max_length > self.model.max_position_embeddings:
             raise ConfigError(
                 f"`data.max_length` ({self.data.max_length}) exceeds `model.max_position_embeddings` "
                 f"({self.model.max_position_embeddings})"
             )
+        from lucatrain.families import get_family
+
+        family = get_family(self.model.model_type)
+        for name in family.config_sections:
+            self.sections[name].validate()
+        family.check_config(self)
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "sections"}
+        out.update({name: dataclasses.asdict(section) for name, section in self.sections.items()})
+        return out
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-SECTION_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
+CORE_SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "sections"]
+
+
+def _load_families() -> None:
+    """Import the built-in families, which register their config sections."""
+    import lucatrain.families  # noqa: F401
+
+
+def section_names() -> list[str]:
+    _load_families()
+    return CORE_SECTIONS + list(FAMILY_SECTIONS)
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def _coerce(key: str, value: Any, annotation) -> Any:
-    """Check `value` against the field's annotation (as a string, from `from __future__ import annotations`)."""
-    kind = str(annotation)
-    if kind == "bool":
+def _coerce(key: str, value: Any, kind) -> Any:
+    """Check `value` against a field's type (resolved with typing.get_type_hints) and convert it.
+
+    Lists and dicts are checked element by element (`list[int]` holds ints, `dict[str, float]`
+    floats), and a dataclass-typed field is a nested section with keys of its own.
+    """
+    origin = typing.get_origin(kind)
+    if kind is Any:
+        return value
+    if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"`{key}` must be true or false, got {value!r}")
         return value
-    if kind == "int":
+    if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ConfigError(f"`{key}` must be an integer, got {value!r}")
         return value
-    if kind == "float":
+    if kind is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
             try:
                 value = float(value)
@@ -406,33 +386,40 @@ def _coerce(key: str, value: Any, annotation) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"`{key}` must be a number, got {value!r}")
         return float(value)
-    if kind == "str":
+    if kind is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"`{key}` must be a string, got {value!r}")
         return str(value)
-    if kind.startswith("list"):
-        if isinstance(value, str):
+    if origin is list:
+        (item,) = typing.get_args(kind) or (Any,)
+        if isinstance(value, str):  # `a,b` on the command line
             value = [v for v in value.split(",") if v]
+            if item is not str:
+                value = [yaml.safe_load(v) for v in value]
         if not isinstance(value, list):
             raise ConfigError(f"`{key}` must be a list, got {value!r}")
-        return [str(v) for v in value]
-    if kind.startswith("dict"):
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        key_kind, item = typing.get_args(kind) or (str, Any)
         if not isinstance(value, dict):
             raise ConfigError(f"`{key}` must be a mapping, got {value!r}")
-        return dict(value)
-    raise AssertionError(f"unhandled annotation {kind} for {key}")
+        return {_coerce(f"{key} (a key)", k, key_kind): _coerce(f"{key}.{k}", v, item) for k, v in value.items()}
+    if dataclasses.is_dataclass(kind):
+        return _dataclass_from_dict(key, kind, value)
+    raise AssertionError(f"unhandled type {kind} for {key}")
 
 
-def _section_from_dict(name: str, values: dict) -> Any:
-    cls = typing.get_type_hints(Config)[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    section = cls()
+def _dataclass_from_dict(key: str, cls: type, values: Any) -> Any:
+    """A section (or nested section) dataclass from a mapping; unknown keys name the valid ones."""
     if not isinstance(values, dict):
-        raise ConfigError(f"`{name}` must be a mapping of keys, got {values!r}")
-    for key, value in values.items():
-        if key not in fields:
-            raise ConfigError(f"unknown config key `{name}.{key}`; valid keys in `{name}` are {sorted(fields)}")
-        setattr(section, key, _coerce(f"{name}.{key}", value, fields[key].type))
+        raise ConfigError(f"`{key}` must be a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    section = cls()
+    for name, value in values.items():
+        if name not in names:
+            raise ConfigError(f"unknown config key `{key}.{name}`; valid keys in `{key}` are {sorted(names)}")
+        setattr(section, name, _coerce(f"{key}.{name}", value, hints[name]))
     return section
 
 
@@ -440,7 +427,7 @@ def _merge(base: dict, key: str, value: Any) -> None:
     """Set dotted `key` inside nested dict `base`; dict values below the section level merge."""
     parts = key.split(".")
     if len(parts) < 2:
-        raise ConfigError(f"override `{key}` must be `section.key=value`; sections are {list(SECTION_TYPES)}")
+        raise ConfigError(f"override `{key}` must be `section.key=value`; sections are {section_names()}")
     node = base
     for part in parts[:-1]:
         node = node.setdefault(part, {})
@@ -452,7 +439,10 @@ def _merge(base: dict, key: str, value: Any) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """'train.max_steps=10' -> ('train.max_steps', 10); the value is parsed as a YAML scalar."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like `section.key=value`")
+        hint = ""
+        if text.startswith("--"):  # LucaOne-style flags
+            hint = f"; lucatrain takes `section.key=value`, e.g. `train.{text.lstrip('-')}=...`"
+        raise ConfigError(f"override {text!r} must look like `section.key=value`{hint}")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
     return key.strip(), value
@@ -470,14 +460,17 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a recipe must be a mapping of sections {list(SECTION_TYPES)}")
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections {section_names()}")
     for text in overrides or []:
         _merge(raw, *parse_override(text))
+    valid = section_names()
     for name in raw:
-        if name not in SECTION_TYPES:
-            raise ConfigError(f"unknown config section `{name}`; valid sections are {list(SECTION_TYPES)}")
-    sections = {name: _section_from_dict(name, raw.get(name, {})) for name in SECTION_TYPES}
-    return Config(**sections).validate()
+        if name not in valid:
+            raise ConfigError(f"unknown config section `{name}`; valid sections are {valid}")
+    hints = typing.get_type_hints(Config)
+    core = {name: _dataclass_from_dict(name, hints[name], raw.get(name, {})) for name in CORE_SECTIONS}
+    families = {name: _dataclass_from_dict(name, cls, raw.get(name, {})) for name, cls in FAMILY_SECTIONS.items()}
+    return Config(**core, sections=families).validate()
 
 
 RECIPE_DIR = Path(__file__).with_name("configs")

@@ -148,8 +148,12 @@ def _offloads_optimizer(ds_config: dict) -> bool:
 class Engine:
     """A DeepSpeed engine around a Task module, with the few verbs the trainer needs."""
 
-    def __init__(self, module: torch.nn.Module, cfg, load_universal: bool = False):
-        """load_universal: the checkpoint to resume from is a universal one (another world size)."""
+    def __init__(self, module: torch.nn.Module, cfg, load_universal: bool = False, after_step=()):
+        """load_universal: the checkpoint to resume from is a universal one (another world size).
+
+        after_step: callables `hook(engine)`, run on every rank after each optimizer update (see
+        `step`), e.g. clamping CLIP's logit scale with `edit_parameter`.
+        """
         import deepspeed
 
         self.cfg = cfg
@@ -181,6 +185,7 @@ class Engine:
             # every gradient (~1% of a small model's step, bench/README.md).
             self.ds.enable_backward_allreduce = False
         self.device = self.ds.device
+        self.after_step = tuple(after_step)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -205,8 +210,112 @@ class Engine:
         self.ds.backward(loss * self.world_size, scale_wrt_gas=False)
 
     def step(self) -> None:
-        """Call after every micro-batch; DeepSpeed updates at the accumulation boundary."""
+        """Call after every micro-batch; DeepSpeed updates at the accumulation boundary.
+
+        The `after_step` hooks run only after that update, not after every micro-batch: the
+        boundary is read before `ds.step()`, which advances DeepSpeed's micro-step counter. A step
+        that fp16's loss scaler skips (overflow) is still a boundary, so hooks run then too; a hook
+        should be idempotent (a clamp is). Hooks run on every rank, so they may be collective.
+        """
+        boundary = self.ds.is_gradient_accumulation_boundary()
         self.ds.step()
+        if boundary:
+            for hook in self.after_step:
+                hook(self)
+
+    def edit_parameter(self, param: torch.nn.Parameter, fn) -> None:
+        """Replace `param`'s value by `fn(value)`, `value` its full fp32 value (collective).
+
+        `param.data.copy_(...)` is not enough: DeepSpeed may keep the value twice. The optimizer
+        updates an fp32 master copy (ZeRO 1-3, and bf16/fp16 at any stage) and then overwrites the
+        working parameter the forward uses (low precision, and under ZeRO-3 partitioned) from it,
+        so an edit of the working copy alone is undone by the next step, and an edit of the master
+        alone is not seen until then. This writes both:
+
+        * ZeRO-1/2, and DeepSpeed's bf16 optimizer: each rank owns a slice of the fp32 master
+          (`safe_set_full_fp32_param` writes that slice); `param.data` is whole on every rank.
+        * ZeRO-3: the fp32 master and the working parameter are both partitioned; this rank's
+          master partition is written (`safe_set_local_fp32_param`; the full-value setter of
+          DeepSpeed 0.19 fails on the last rank when the size does not divide by the world size),
+          and the working copy is gathered, edited on rank 0 and re-partitioned on exit.
+        * ZeRO-0 bf16/fp16 (DeepSpeed's unfused mixed-precision wrapper): fp32 masters are kept
+          per parameter; that copy and `param.data` are written.
+        * ZeRO-0 fp32, and frozen parameters: `param.data` is the only copy.
+
+        `fn` gets a fresh fp32 tensor of the parameter's full shape and returns the new value
+        (same shape; it may edit its argument in place and return it). Rank 0's result is
+        broadcast, so every rank ends with the same value even if `fn` is not deterministic.
+        Every rank must call this for the same parameters in the same order.
+        """
+        import deepspeed
+        import deepspeed.comm as ds_comm
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
+
+        zero3 = hasattr(param, "ds_id")
+        shape = param.ds_shape if zero3 else param.shape
+        with torch.no_grad():
+            master = safe_get_full_fp32_param(param)  # collective under ZeRO; None: no separate fp32 copy
+            unfused_master = None
+            if master is None and param.requires_grad and not zero3:
+                unfused_master = self._unfused_fp32_master(param)
+                master = unfused_master
+            if master is not None:
+                value = master.detach().float().clone()
+            elif zero3:  # frozen ZeRO-3 parameter: gather the working copy
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    value = param.data.float().clone()
+            else:
+                value = param.data.float().clone()
+
+            new = fn(value)
+            if not isinstance(new, torch.Tensor) or tuple(new.shape) != tuple(shape):
+                got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                raise ValueError(f"edit_parameter: fn must return a tensor of shape {tuple(shape)}, got {got}")
+            new = new.detach().to(device=value.device, dtype=torch.float32).contiguous()
+            dist.broadcast_(new, src=0)
+
+            if zero3:
+                if master is not None:
+                    group = param.ds_process_group
+                    part = param.ds_tensor.ds_numel  # this rank's partition, padded to equal sizes
+                    flat = torch.zeros(part * ds_comm.get_world_size(group=group), dtype=torch.float32, device=new.device)
+                    flat[: new.numel()] = new.flatten()
+                    mine = ds_comm.get_rank(group=group)
+                    safe_set_local_fp32_param(param, flat[part * mine : part * (mine + 1)])
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # rank 0 of the param's group
+                    if ds_comm.get_rank(group=param.ds_process_group) == 0:
+                        param.data.copy_(new.to(param.dtype))
+                return
+            if unfused_master is not None:
+                unfused_master.copy_(new)
+            elif master is not None:
+                safe_set_full_fp32_param(param, new)
+            param.data.copy_(new.to(device=param.device, dtype=param.dtype))
+
+    def _unfused_fp32_master(self, param: torch.nn.Parameter) -> torch.Tensor | None:
+        """The fp32 master of a trainable parameter that has no ZeRO/bf16-optimizer mapping.
+
+        None where `param.data` is itself the master (ZeRO-0 fp32: the client optimizer is used
+        as is). ZeRO-0 bf16/fp16 wraps it in DeepSpeed's FP16_UnfusedOptimizer, which keeps one
+        fp32 copy per parameter (`fp32_groups`, parallel to `fp16_groups`). Anything else that
+        might hide a master copy is refused rather than edited on one side only.
+        """
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        optimizer = self.ds.optimizer
+        if isinstance(optimizer, FP16_UnfusedOptimizer):
+            for lp_group, fp32_group in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+                for lp, fp32 in zip(lp_group, fp32_group):
+                    if lp is param:
+                        return fp32
+            raise ValueError("edit_parameter: the parameter is not one this engine's optimizer trains")
+        if self.zero_stage == 0 and optimizer is getattr(self.ds, "basic_optimizer", optimizer) and param.dtype == torch.float32:
+            return None
+        raise ValueError(
+            f"edit_parameter: cannot reach the fp32 master copy of a parameter under ZeRO-{self.zero_stage} with "
+            f"precision {self.cfg.deepspeed.precision} (DeepSpeed optimizer {type(optimizer).__name__}); editing only "
+            "the working copy would be undone by the next step"
+        )
 
     def grad_norm(self) -> float | None:
         norm = self.ds.get_global_grad_norm()
@@ -302,6 +411,27 @@ def shutdown() -> None:
         ["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), str(rank)]
     )
     buffer.unlink(missing_ok=True)
-    import torch.distributed as torch_dist
+    release_process_group()
 
-    torch_dist.destroy_process_group()
+
+def release_process_group() -> None:
+    """Leave the process group and make DeepSpeed forget the groups it derived from it.
+
+    DeepSpeed caches groups made from the world group (`deepspeed.utils.groups._WORLD_GROUP` and
+    friends) at module level; after the world group is destroyed they point at nothing, and a second
+    run in the same process (a notebook, the test suite) fails in `deepspeed.initialize`. Resetting
+    them to their import-time values lets the next run build them afresh.
+    """
+    import torch.distributed as torch_dist
+    from deepspeed.utils import groups
+
+    if dist.is_initialized():
+        torch_dist.destroy_process_group()
+    groups._WORLD_GROUP = None
+    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+    groups._DATA_PARALLEL_GROUP = None
+    groups._MODEL_PARALLEL_GROUP = None
+    groups._TENSOR_MODEL_PARALLEL_GROUP = None
+    for cache in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS, groups._EXPERT_DATA_PARALLEL_GROUP,
+                  groups._EXPERT_DATA_PARALLEL_GROUP_RANKS, groups._ALL_TO_ALL_GROUP):  # fmt: skip
+        cache.clear()

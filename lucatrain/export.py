@@ -7,8 +7,8 @@
     <dir>/heads.safetensors     with heads: `<task>.hidden_layer.weight`, `<task>.classifier.bias`, ...
     <dir>/heads.json            with heads: per task its level, output mode, sizes, loss weight, label names
 
-The trainer writes `best/` and `last/` this way (heads included) from the live engine; `lucatrain
-export` does the same offline from any committed checkpoint, rebuilding full fp32 weights from the
+The gene/protein families write `best/` and `last/` this way (heads included) from the live engine;
+`lucatrain export` asks the checkpoint's family to do the same offline from any committed checkpoint, rebuilding full fp32 weights from the
 DeepSpeed shards with DeepSpeed's own ZeRO consolidation (any stage, any world size, no GPU).
 """
 
@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lucatrain.checkpoint import EXPORT_INFO
 from lucatrain.models.lora import merge_lora_state_dict
 from lucatrain.models.lucagplm import CONFIG_NAME, TIED_KEY, WEIGHTS_NAME, LucaGPLMConfig
 
 MODELING_FILE = "modeling_lucagplm.py"
 HEADS_WEIGHTS = "heads.safetensors"
 HEADS_CONFIG = "heads.json"
-EXPORT_INFO = "export.json"  # inside each checkpoint: what an offline export needs besides the weights
 ENCODER_PREFIX, HEADS_PREFIX = "model.", "heads."  # parameter names inside the Task module
 
 
@@ -90,14 +90,14 @@ def checkpoint_state_dict(checkpoint_dir, tag: str = "ds") -> dict[str, torch.Te
 
 
 def export_checkpoint(checkpoint_dir, out_dir, with_heads: bool = False, tag: str = "ds") -> Path:
-    """`lucatrain export`: a committed checkpoint -> an export directory (module docstring)."""
+    """`lucatrain export`: a committed checkpoint -> the export its model family writes."""
+    from lucatrain.families import get_family
+
     checkpoint_dir = Path(checkpoint_dir)
     info_path = checkpoint_dir / EXPORT_INFO
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path} not found: the checkpoint was not written by this lucatrain version")
     info = json.loads(info_path.read_text(encoding="utf-8"))
-    encoder, heads = split_task_state(checkpoint_state_dict(checkpoint_dir, tag), info.get("lora"))
-    config = LucaGPLMConfig(**info["encoder_config"])
-    if with_heads:
-        return write_export(out_dir, config, encoder, heads, info.get("heads"))
-    return write_export(out_dir, config, encoder)
+    family = get_family(info.get("family", "lucaone_gplm"))  # checkpoints before families were LucaOne's
+    family.export(Path(out_dir), checkpoint_state_dict(checkpoint_dir, tag), info, with_heads=with_heads)
+    return Path(out_dir)

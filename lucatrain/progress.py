@@ -1,12 +1,12 @@
 """The progress ledger: which sample ids each optimizer step consumed, and where the stream stands.
 
-Stored in every checkpoint as plain JSON + numpy arrays (no pickle), in `<checkpoint>/ledger/`:
+Stored in every checkpoint as plain JSON + numpy arrays (no pickle), under `ledger` in the
+checkpoint's state (`<checkpoint>/state/`, see `lucatrain.state`):
 
-    ledger.json        epoch, cursor, the identity of the epoch's order (`order_key`), counters,
-                       and a summary per epoch (samples consumed, dataset fingerprint)
-    steps.npy          int64 (S, 5): global_step, epoch, start, end, tokens — optimizer step
-                       `global_step` consumed positions [start, end) of epoch `epoch`'s order
-    ids_epoch<E>.npy   int64: the sample ids consumed in epoch E, in consumption order
+    epoch, cursor, order_key, counters   in state.json: the identity of the epoch's order and totals
+    ledger.steps_table.npy    int64 (S, 5): global_step, epoch, start, end, tokens — optimizer step
+                              `global_step` consumed positions [start, end) of epoch `epoch`'s order
+    ledger.epochs.<E>.ids.npy int64: the sample ids consumed in epoch E, in consumption order
 
 The cursor counts samples of the current epoch's order already trained on. Resuming with the same
 order continues at the cursor; with a different one (data changed, or a token-budget plan cut for
@@ -15,7 +15,6 @@ another world size) the consumed ids are excluded from a new plan of the epoch, 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,54 +76,45 @@ class Ledger:
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, directory: Path) -> list[Path]:
-        directory.mkdir(parents=True, exist_ok=True)
-        written = []
-        meta = {
+    def state_dict(self) -> dict:
+        """JSON values and numpy arrays (`lucatrain.state`): steps (S, 5) and the ids of each epoch."""
+        return {
             "version": LEDGER_VERSION,
             **self.summary(),
             "order_key": self.order_key,
+            "steps_table": np.array(self.steps, dtype=np.int64).reshape(-1, 5),
             "epochs": {
-                str(e): {"samples": int(sum(len(a) for a in parts)), "fingerprint": self.fingerprints.get(e, "")}
-                for e, parts in sorted(self.epoch_ids.items())
+                str(e): {"ids": self.consumed_ids(e), "fingerprint": self.fingerprints.get(e, "")}
+                for e in sorted(self.epoch_ids)
             },
         }
-        steps = np.array(self.steps, dtype=np.int64).reshape(-1, 5)
-        np.save(directory / "steps.npy", steps, allow_pickle=False)
-        written.append(directory / "steps.npy")
-        for epoch in self.epoch_ids:
-            path = directory / f"ids_epoch{epoch}.npy"
-            np.save(path, self.consumed_ids(epoch), allow_pickle=False)
-            written.append(path)
-        (directory / "ledger.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        written.append(directory / "ledger.json")
-        return written
 
     @classmethod
-    def load(cls, directory: Path) -> "Ledger":
-        path = directory / "ledger.json"
+    def from_state_dict(cls, state: dict, where: str = "ledger") -> "Ledger":
+        if state.get("version") != LEDGER_VERSION:
+            raise ValueError(f"{where}: ledger version {state.get('version')} is not {LEDGER_VERSION}")
         try:
-            meta = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: unreadable progress ledger: {err}") from None
-        if meta.get("version") != LEDGER_VERSION:
-            raise ValueError(f"{path}: ledger version {meta.get('version')} is not {LEDGER_VERSION}")
-        ledger = cls(
-            epoch=meta["epoch"],
-            cursor=meta["cursor"],
-            order_key=meta["order_key"],
-            samples_seen=meta["samples_seen"],
-            tokens_seen=meta["tokens_seen"],
-        )
-        steps = np.load(directory / "steps.npy", allow_pickle=False)
-        ledger.steps = [tuple(row) for row in steps.tolist()]
-        for epoch, info in meta["epochs"].items():
-            ids = np.load(directory / f"ids_epoch{epoch}.npy", allow_pickle=False)
-            if len(ids) != info["samples"]:
-                raise ValueError(f"{directory}/ids_epoch{epoch}.npy holds {len(ids)} ids, ledger.json says {info['samples']}")
-            ledger.epoch_ids[int(epoch)] = [ids]
-            ledger.fingerprints[int(epoch)] = info["fingerprint"]
+            ledger = cls(epoch=state["epoch"], cursor=state["cursor"], order_key=state["order_key"],
+                         samples_seen=state["samples_seen"], tokens_seen=state["tokens_seen"])  # fmt: skip
+            ledger.steps = [tuple(row) for row in np.asarray(state["steps_table"]).tolist()]
+            for epoch, info in state["epochs"].items():
+                ledger.epoch_ids[int(epoch)] = [np.asarray(info["ids"], dtype=np.int64)]
+                ledger.fingerprints[int(epoch)] = info["fingerprint"]
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{where}: malformed progress ledger ({err!r})") from None
+        consumed = sum(end - start for _, _, start, end, _ in ledger.steps)
+        held = sum(len(parts[0]) for parts in ledger.epoch_ids.values())
+        if consumed != held:
+            raise ValueError(f"{where}: the ledger's steps consumed {consumed} samples but it holds {held} ids")
         return ledger
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: Path) -> "Ledger":
+        """The ledger of a committed checkpoint directory."""
+        from lucatrain.state import read_state
+
+        state_dir = Path(checkpoint_dir) / "state"
+        return cls.from_state_dict(read_state(state_dir)["ledger"], str(state_dir))
 
 
 def audit(ledger: Ledger, all_ids: np.ndarray | None = None) -> dict:

@@ -1,7 +1,9 @@
-"""The training loop: batch -> forward -> loss -> backward -> step -> log -> eval -> save.
+"""The training loop: batch -> step -> log -> eval -> save, for any model family.
 
-Everything DeepSpeed-specific is behind `lucatrain.engine.Engine`; everything task-specific is
-behind the Task module (`loss, report = task(batch, totals)`).
+Everything DeepSpeed-specific is behind `lucatrain.engine.Engine`; everything model-specific is
+behind the family (`lucatrain.families`: data recipe, Task, collator, export) and its Task module,
+which owns the step (`task.train_step(micro_batches, engine)`) and the evaluation
+(`task.evaluate(splits, engine)`). This module knows the ledger, the epoch plan and checkpoints.
 """
 
 from __future__ import annotations
@@ -17,30 +19,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lucatrain import dist
-from lucatrain.config import Config
+from lucatrain import checkpoint, dist
+from lucatrain.checkpoint import EXPORT_INFO, maybe_fault, read_valid_manifest
+from lucatrain.config import Config, ConfigError
 from lucatrain.data.batching import BatchSpec, padded_lengths, plan_epoch, rank_micro_batches
-from lucatrain.data.collate import EVAL_EPOCH, Collator, MaskingConfig
 from lucatrain.data.prepared import PreparedDataset, load_prepared, prepare_or_load
-from lucatrain import checkpoint
-from lucatrain.checkpoint import maybe_fault, read_valid_manifest
 from lucatrain.engine import Engine, convert_to_universal, init_distributed, peak_memory_bytes
 from lucatrain.engine import shutdown as engine_shutdown
-from lucatrain.export import EXPORT_INFO, split_task_state, write_export
-from lucatrain.models.lora import apply_lora
-from lucatrain.models.lucagplm import LucaGPLM, LucaGPLMConfig
-from lucatrain.data.labels import LabelStats
-from lucatrain.models.lucaone_checkpoint import (
-    LoadReport,
-    is_lucaone_checkpoint,
-    load_lucaone_heads,
-    model_from_lucaone_checkpoint,
-)
+from lucatrain.families import get_family
 from lucatrain.monitor import Monitor, setup_logging
 from lucatrain.progress import Ledger
-from lucatrain.tasks import TASKS, build_task, metrics_from_sums
-from lucatrain.tasks.specs import METRICS
-from lucatrain.tasks.plan import TaskPlan, plan_tasks
+from lucatrain.state import read_state, write_state
+from lucatrain.task import Split, accumulate
+
+PRIMARY_SPLIT = "dev"  # `data.dev_files`, logged as eval/<metric>; named splits log as eval/<name>/<metric>
 
 
 class MicroBatches(Dataset):
@@ -50,10 +42,10 @@ class MicroBatches(Dataset):
     so starting (or resuming) an epoch costs nothing per remaining step.
     """
 
-    def __init__(self, data: PreparedDataset, global_batches: list[np.ndarray], collator: Collator, epoch: int,
-                 world_size: int = 1, rank: int = 0, accumulation: int = 1):  # fmt: skip
+    def __init__(self, data: PreparedDataset, global_batches: list[np.ndarray], collator, epoch: int,
+                 world_size: int = 1, rank: int = 0, accumulation: int = 1, columns=None):  # fmt: skip
         self.data, self.global_batches, self.collator, self.epoch = data, global_batches, collator, epoch
-        self.world_size, self.rank, self.accumulation = world_size, rank, accumulation
+        self.world_size, self.rank, self.accumulation, self.columns = world_size, rank, accumulation, columns
 
     def __len__(self) -> int:
         return len(self.global_batches) * self.accumulation
@@ -61,7 +53,7 @@ class MicroBatches(Dataset):
     def __getitem__(self, i: int) -> dict:
         step, k = divmod(i, self.accumulation)
         rows = rank_micro_batches(self.global_batches[step], self.data.lengths, self.world_size, self.rank, self.accumulation)[k]
-        return self.collator(self.data.rows(rows), self.epoch)
+        return self.collator(self.data.rows(rows, self.columns), self.epoch)
 
 
 def make_loader(dataset: MicroBatches, num_workers: int) -> DataLoader:
@@ -74,49 +66,14 @@ def make_loader(dataset: MicroBatches, num_workers: int) -> DataLoader:
     )
 
 
-def build_model(cfg: Config) -> LucaGPLM:
-    """A fresh encoder from the config, or the weights exported at `model.model_dirpath`."""
-    return build_model_with_report(cfg)[0]
-
-
-def build_model_with_report(cfg: Config) -> tuple[LucaGPLM, LoadReport | None]:
-    """`build_model`, plus the LoadReport when the weights came from a LucaOne checkpoint (its task
-    heads wait there for `load_lucaone_heads`)."""
-    m = cfg.model
-    if m.model_dirpath and not cfg.train.trained_checkpoint:  # resuming: the checkpoint has the weights
-        if is_lucaone_checkpoint(m.model_dirpath):
-            model, report = model_from_lucaone_checkpoint(
-                m.model_dirpath,
-                first_n_layers=m.init_first_n_layers,
-                gradient_checkpointing=m.gradient_checkpointing,
-                hidden_dropout_prob=m.hidden_dropout_prob,
-                attention_probs_dropout_prob=m.attention_probs_dropout_prob,
-                **({"num_hidden_layers": m.num_hidden_layers} if m.init_first_n_layers else {}),
-            )
-            return model, report
-        return LucaGPLM.from_pretrained(m.model_dirpath, gradient_checkpointing=m.gradient_checkpointing), None
-    config = LucaGPLMConfig(
-        hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_hidden_layers,
-        num_attention_heads=m.num_attention_heads,
-        intermediate_size=m.intermediate_size or 4 * m.hidden_size,
-        max_position_embeddings=m.max_position_embeddings,
-        hidden_dropout_prob=m.hidden_dropout_prob,
-        attention_probs_dropout_prob=m.attention_probs_dropout_prob,
-        token_dropout=m.token_dropout,
-        gradient_checkpointing=m.gradient_checkpointing,
-    )
-    return LucaGPLM(config), None
-
-
-def load_data(files: list[str], cfg: Config) -> PreparedDataset:
+def load_data(files: list[str], cfg: Config, recipe) -> PreparedDataset:
     """Prepare (rank 0) or reuse the prepared dataset for `files`; other ranks then open it."""
     options = dict(fmt=cfg.data.format, fasta_obj_type=cfg.data.fasta_obj_type, bad_records=cfg.data.bad_records)
     cache_dir = Path(cfg.data.cache_dir).expanduser()
     data, outcome = None, None
     if dist.is_main():
         try:
-            data = prepare_or_load(files, cache_dir, **options)
+            data = prepare_or_load(files, cache_dir, recipe, **options)
             outcome = ("ok", str(data.path))
         except ValueError as err:  # bad input: every rank must stop with the same message, not hang
             outcome = ("error", err)
@@ -127,6 +84,16 @@ def load_data(files: list[str], cfg: Config) -> PreparedDataset:
     return data if data is not None else load_prepared(payload)
 
 
+def dev_inputs(cfg: Config) -> dict[str, list[str]]:
+    """Dev split name -> input files: `data.dev_files` as 'dev', then `data.dev_splits` by name."""
+    splits = {PRIMARY_SPLIT: cfg.data.dev_files} if cfg.data.dev_files else {}
+    for name, files in cfg.data.dev_splits.items():
+        if name in splits:
+            raise ConfigError(f"`data.dev_splits.{name}`: the name {name!r} is taken by `data.dev_files`; choose another")
+        splits[name] = files
+    return splits
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -134,10 +101,6 @@ def seed_everything(seed: int) -> None:
 
 
 DS_TAG = "ds"  # DeepSpeed's own files live in <checkpoint>/ds/
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class Trainer:
@@ -152,32 +115,27 @@ class Trainer:
         self.logger = setup_logging(self.run_dir, cfg.logger.level)
         seed_everything(cfg.train.seed)  # same on every rank: identical initial weights
 
-        self.train_data = load_data(cfg.data.train_files, cfg)
-        self.dev_data = load_data(cfg.data.dev_files, cfg) if cfg.data.dev_files else None
-        self.plan = self.plan_tasks()
-        valid = ["loss"] + [f"{n}/{m}" for n in self.plan.names for m in METRICS[self.plan.output_modes[n]]]
-        if cfg.train.best_metric not in valid:
-            raise ValueError(f"`train.best_metric={cfg.train.best_metric}` is not a dev metric of this run; choose one of {valid}")
-        self.model, lucaone_report = build_model_with_report(cfg)
-        num_params = self.model.num_parameters()  # before ZeRO-3 partitions the parameters away
-        if cfg.lora.enabled:
-            lora = cfg.lora
-            self.model = apply_lora(self.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
-        t = cfg.tasks
-        self.task = build_task(self.model, self.plan.names, t.weights, self.plan.num_labels, t.classifier_sizes,
-                               t.classifier_dropout, self.plan.output_modes, t.loss_types)  # fmt: skip
-        if lucaone_report is not None:
-            load_lucaone_heads(lucaone_report, self.task.heads, cfg.model.lucaone_head_tasks or None)
-            self.logger.info("initialised from LucaOne checkpoint: %s", lucaone_report.summary())
+        self.family = get_family(cfg.model.model_type)(cfg, self.logger)
+        recipe = self.family.prepare_recipe()
+        self.train_data = load_data(cfg.data.train_files, cfg, recipe)
+        self.dev_data = {name: load_data(files, cfg, recipe) for name, files in dev_inputs(cfg).items()}
+        self.family.setup(self.train_data, self.dev_data)
         self.resume_from = self.find_resume_checkpoint() if cfg.train.trained_checkpoint else None
+        self.task = self.family.build_task(self.resume_from)
+        self.metrics = self.task.metrics()
+        self.best_split, self.best_key = self.resolve_best_metric(cfg.train.best_metric)
+        self.callbacks = self.family.callbacks(self.task)
         written_by = read_valid_manifest(self.resume_from)["world_size"] if self.resume_from else dist.world_size()
-        self.engine = Engine(self.task, cfg, load_universal=written_by != dist.world_size())
-        masking = MaskingConfig(cfg.tasks.mask_prob, cfg.tasks.mask_token_prob, cfg.tasks.random_token_prob)
-        self.collator = Collator(cfg.data.max_length, cfg.data.truncation, masking, cfg.train.seed,
-                                 self.plan.label_tasks, self.plan.num_labels, self.plan.output_modes)  # fmt: skip
-        # Records of a molecule no trained task scores are left out (a protein-only run on mixed data).
-        self.train_rows = _rows_of_types(self.train_data, self.plan.obj_types)
-        self.dev_rows = _rows_of_types(self.dev_data, self.plan.obj_types) if self.dev_data else None
+        self.engine = Engine(self.task, cfg, load_universal=written_by != dist.world_size(),
+                             after_step=[callback.after_step for callback in self.callbacks])  # fmt: skip
+        self.collator = self.family.collator()
+        self.columns = self.family.columns()
+        self.train_rows = self.family.trainable_rows(self.train_data)
+        self.dev_splits = {}
+        for name, data in self.dev_data.items():
+            rows = self.family.trainable_rows(data)
+            if len(rows):
+                self.dev_splits[name] = Split(name, data, rows, self.collator, cfg.train.batch_size, self.columns)
 
         self.world_size, self.rank = dist.world_size(), dist.rank()
         self.accumulation = cfg.train.gradient_accumulation_steps
@@ -193,35 +151,28 @@ class Trainer:
         self.ledger = Ledger()
         self.history: list[dict] = []  # every logged window of this process, for tests and plots
         self.logger.info(
-            "world_size=%d params=%.2fM (+%.2fM in task heads) train_records=%d dev_records=%d zero_stage=%d precision=%s",
+            "world_size=%d %s train_records=%d dev_records=%d zero_stage=%d precision=%s",
             self.world_size,
-            num_params / 1e6,
-            sum(p.numel() for p in self.task.heads.parameters()) / 1e6,
+            self.family.describe(),
             len(self.train_rows),
-            len(self.dev_rows) if self.dev_data else 0,
+            sum(len(split.rows) for split in self.dev_splits.values()),
             self.engine.zero_stage,
             cfg.deepspeed.precision,
         )
         if self.resume_from is not None:
             self.restore(self.resume_from, written_by)
 
-    def plan_tasks(self) -> TaskPlan:
-        """The tasks this run trains (`tasks.plan`), checked against the label files and the data."""
-        cfg = self.cfg
-        stats = LabelStats(self.train_data.meta.get("labels"))
-        dev_stats = LabelStats(self.dev_data.meta.get("labels")) if self.dev_data else None
-        plan = plan_tasks(cfg.tasks.selected(), cfg.tasks.label_dir, cfg.data.train_files, stats, dev_stats,
-                          cfg.tasks.output_modes)  # fmt: skip
-        if not dist.is_main():
-            return plan
-        self.logger.info("tasks: %s", ", ".join(f"{n} ({plan.num_labels[n]} labels)" if n in plan.num_labels else n
-                                                 for n in plan.names))  # fmt: skip
-        for name, why in plan.dropped.items():
-            self.logger.warning("task %s is not trained: %s", name, why)
-        if plan.unknown_label_keys:
-            self.logger.warning("label entries that name no task are ignored: %s (tasks: %s)",
-                                plan.unknown_label_keys, list(TASKS))  # fmt: skip
-        return plan
+    def resolve_best_metric(self, key: str) -> tuple[str | None, str]:
+        """`train.best_metric` as (dev split, metric): '<metric>' of the first split, or '<split>/<metric>'."""
+        splits = list(dev_inputs(self.cfg))
+        primary = splits[0] if splits else None
+        valid = list(self.metrics) + [f"{s}/{m}" for s in splits if s != PRIMARY_SPLIT for m in self.metrics]
+        if key not in valid:
+            raise ValueError(f"`train.best_metric={key}` is not a dev metric of this run; choose one of {valid}")
+        for split in splits:
+            if split != PRIMARY_SPLIT and key.startswith(f"{split}/") and key[len(split) + 1 :] in self.metrics:
+                return split, key[len(split) + 1 :]
+        return primary, key
 
     # ------------------------------------------------------------------ data stream
 
@@ -241,7 +192,7 @@ class Trainer:
         case the samples consumed so far are excluded from a fresh plan of the rest.
         """
         key = {"seed": self.cfg.train.seed, "fingerprint": self.train_data.fingerprint, **self.spec.order_key(),
-               "obj_types": self.plan.obj_types}  # fmt: skip
+               **self.family.order_key()}  # fmt: skip
         ledger = self.ledger
         resuming = ledger.epoch == epoch and ledger.cursor > 0
         if not resuming:
@@ -283,7 +234,8 @@ class Trainer:
                     f"the training set ({len(self.train_rows)} records) is smaller than one global batch "
                     f"({self.spec.micro_batches_per_step} micro-batches); lower train.batch_size or add data"
                 )
-            micro_batches = MicroBatches(self.train_data, batches, self.collator, epoch, self.world_size, self.rank, self.accumulation)
+            micro_batches = MicroBatches(self.train_data, batches, self.collator, epoch, self.world_size, self.rank,
+                                         self.accumulation, self.columns)  # fmt: skip
             loader = iter(make_loader(micro_batches, self.cfg.data.num_workers))
             for batch in batches:
                 yield epoch, batch, position, [next(loader) for _ in range(self.accumulation)]
@@ -305,7 +257,7 @@ class Trainer:
             if self.global_step >= total:
                 break
             report = self.train_step(micro_batches)
-            _accumulate(window, report)
+            accumulate(window, report)
             self.global_step += 1
             window_steps += 1
             # Every rank knows the whole global batch, so the ledger needs no communication.
@@ -318,10 +270,10 @@ class Trainer:
             if self.global_step % cfg.loss_logging_steps == 0 or self.global_step == total:
                 summed = dist.all_reduce_dict(window, self.engine.device)
                 elapsed = time.perf_counter() - window_start
-                scalars = metrics_from_sums(summed)
-                scalars["loss"] = self.weighted_loss(scalars)
+                scalars = self.task.summarize(summed)
                 scalars["lr"] = self.engine.lr()
-                scalars["tokens_per_s"] = summed["tokens"] / elapsed
+                if "tokens" in summed:
+                    scalars["tokens_per_s"] = summed["tokens"] / elapsed
                 scalars["samples_per_s"] = summed["samples"] / elapsed
                 if self.global_step % cfg.logging_steps == 0 or self.global_step == total:
                     norm = self.engine.grad_norm()
@@ -330,7 +282,9 @@ class Trainer:
                     scalars["peak_memory_mb"] = peak_memory_bytes() / 2**20
                     scalars["epoch"] = epoch
                 monitor.scalars(self.global_step, scalars, prefix="train/")
-                monitor.advance(window_steps, {"loss": scalars["loss"], "lr": scalars["lr"], "tok/s": scalars["tokens_per_s"]})
+                shown = {"loss": scalars["loss"], "lr": scalars["lr"]}
+                shown.update({"tok/s": scalars["tokens_per_s"]} if "tokens_per_s" in scalars else {"samples/s": scalars["samples_per_s"]})
+                monitor.advance(window_steps, shown)
                 self.log_history({"step": self.global_step, **scalars})
                 window, window_start, window_steps = {}, time.perf_counter(), 0
 
@@ -358,67 +312,34 @@ class Trainer:
             with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
 
-    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches; returns the summed report."""
-        # The loss normaliser: targets per task in this whole step, over all micro-batches and ranks.
-        counts: dict[str, float] = {}
-        for mb in micro_batches:
-            _accumulate(counts, self.task.count_targets(mb))
-        totals = dist.all_reduce_dict(counts, self.engine.device)
-
-        summed: dict[str, float] = {}
-        for mb in micro_batches:
-            loss, report = self.engine(to_device(mb, self.engine.device), totals)
-            self.engine.backward(loss)
-            self.engine.step()  # DeepSpeed updates only at the accumulation boundary
-            _accumulate(summed, _numbers(report))
-            _accumulate(summed, {"tokens": float(mb["num_tokens"]), "samples": float(len(mb["sample_ids"]))})
-        return summed
-
-    def weighted_loss(self, metrics: dict[str, float]) -> float:
-        """The objective as the optimizer sees it: sum over tasks of weight x per-target mean loss."""
-        return sum(w * metrics[f"{n}/loss"] for n, w in self.task.weights.items() if f"{n}/loss" in metrics)
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over this rank's micro-batches (the Task owns it); the summed report."""
+        return self.task.train_step(micro_batches, self.engine)
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Per-task dev loss and masked-token accuracy; fixed masks, so numbers compare across steps."""
-        if self.dev_data is None or len(self.dev_rows) == 0:
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Metrics of every dev split, by split name (empty without dev data)."""
+        if not self.dev_splits:
             return {}
-        n = len(self.dev_rows)
-        per_rank = max(1, math.ceil(n / (self.world_size * self.cfg.train.batch_size)))
-        # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
-        parts = np.array_split(self.dev_rows, self.world_size * per_rank)
-        mine = [p if len(p) else self.dev_rows[:1] for p in parts[self.rank :: self.world_size]]
-        empty = [len(p) == 0 for p in parts[self.rank :: self.world_size]]
-        self.engine.eval()
-        sums: dict[str, float] = {}
-        for rows, is_padding in zip(mine, empty):
-            batch = to_device(self.collator(self.dev_data.rows(rows), EVAL_EPOCH), self.engine.device)
-            local = {k: float(v) for k, v in self.task.count_targets(batch).items()}
-            _, report = self.engine(batch, local)
-            if not is_padding:
-                _accumulate(sums, _numbers(report))
-        self.engine.train()
-        metrics = metrics_from_sums(dist.all_reduce_dict(sums, self.engine.device))
-        metrics["loss"] = self.weighted_loss(metrics)
-        return metrics
+        return self.task.evaluate(self.dev_splits, self.engine)
 
     def evaluate_and_export_best(self, monitor: Monitor) -> None:
-        metrics = self.evaluate()
-        if not metrics:
+        results = self.evaluate()
+        if not results:
             return
-        monitor.scalars(self.global_step, metrics, prefix="eval/")
-        self.log_history({"step": self.global_step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        logged = {}
+        for name, metrics in results.items():
+            prefix = "eval/" if name == PRIMARY_SPLIT else f"eval/{name}/"
+            monitor.scalars(self.global_step, metrics, prefix=prefix)
+            logged.update({f"{prefix}{k}": v for k, v in metrics.items()})
+        self.log_history({"step": self.global_step, **logged})
         key = self.cfg.train.best_metric
-        if key not in metrics:  # a valid name (checked at start) whose task had no dev targets
+        value = results.get(self.best_split, {}).get(self.best_key)
+        if value is None:  # a valid name (checked at start) whose task had no dev targets
             self.logger.warning("the dev set gave no %s at step %d; best/ is not updated", key, self.global_step)
             return
-        value = metrics[key]
-        higher_is_better = key.endswith(("acc", "f1"))
-        better = self.best_metric is None or (value > self.best_metric if higher_is_better else value < self.best_metric)
-        if better:
+        if self.metrics[self.best_key].better(value, self.best_metric):
             self.best_metric = value
             self.export(self.run_dir / "best", extra={"step": self.global_step, key: value})
 
@@ -435,19 +356,8 @@ class Trainer:
         self.engine.save(stage, DS_TAG, client_state={})
         checkpoint.save_rng_state(stage / "rng" / f"rank{self.rank}.npz")
         if dist.is_main():
-            state = {
-                "global_step": self.global_step,
-                "best_metric": self.best_metric,
-                "world_size": self.world_size,
-                "train_data": str(self.train_data.path),
-                "fingerprint": self.train_data.fingerprint,
-                "tasks": self.plan.names,
-                "num_labels": self.plan.num_labels,
-                "output_modes": self.plan.output_modes,
-            }
-            (stage / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            write_state(stage / "state", self.state_dict())
             (stage / EXPORT_INFO).write_text(json.dumps(self.export_info(), indent=1))
-            self.ledger.save(stage / "ledger")
         checkpoint.maybe_fault("after_shards", self.global_step)
         path = checkpoint.commit(self.checkpoint_root, self.global_step, self.ledger.summary(), self.cfg.train.save_total_limit)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if dist.is_main() else 0
@@ -465,17 +375,40 @@ class Trainer:
         root = model_dir / "checkpoints" if model_dir is not None and (model_dir / "checkpoints").is_dir() else self.checkpoint_root
         return checkpoint.find_resume_checkpoint(root, which)
 
+    def state_dict(self) -> dict:
+        """Everything but the weights and RNG that a resume needs, in one dict (`lucatrain.state`)."""
+        return {
+            "trainer": {
+                "global_step": self.global_step,
+                "best_metric": self.best_metric,
+                "world_size": self.world_size,
+                "family": self.family.name,
+                "train_data": str(self.train_data.path),
+                "fingerprint": self.train_data.fingerprint,
+            },
+            "family": self.family.resume_state(),
+            "task": self.task.run_state(),
+            "callbacks": {callback.name: callback.state_dict() for callback in self.callbacks},
+            "ledger": self.ledger.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict, where: str = "checkpoint") -> None:
+        trainer = state["trainer"]
+        self.global_step = trainer["global_step"]
+        self.best_metric = trainer["best_metric"]
+        self.task.load_run_state(state.get("task", {}))
+        saved_callbacks = state.get("callbacks", {})
+        for callback in self.callbacks:
+            callback.load_state_dict(saved_callbacks.get(callback.name, {}))
+        self.ledger = Ledger.from_state_dict(state["ledger"], where)
+
     def restore(self, path: Path, written_by: int) -> None:
         """Model, optimizer, scheduler, counters, ledger and RNG from a committed checkpoint."""
-        state = json.loads((path / "trainer_state.json").read_text())
-        ours = (self.plan.names, self.plan.num_labels, self.plan.output_modes)
-        trained = tuple(state.get(k, v) for k, v in zip(("tasks", "num_labels", "output_modes"), ours))
-        if trained != ours:
-            raise ValueError(
-                f"{path} was trained with tasks {trained[0]} (label counts {trained[1]}, modes {trained[2]}); this run "
-                f"has {ours[0]} ({ours[1]}, {ours[2]}). Resume with the same tasks and label files, or start a new "
-                "run from its export with `model.model_dirpath`."
-            )
+        state = read_state(path / "state")
+        family = state["trainer"].get("family")
+        if family != self.family.name:
+            raise ValueError(f"{path} was written by a {family} run; this run is {self.family.name} (`model.model_type`)")
+        self.family.check_resume(state["family"], path)
         load_dir = path
         if written_by != self.world_size:
             # ZeRO shards are cut per rank: convert to DeepSpeed's universal form, then load that.
@@ -486,9 +419,7 @@ class Trainer:
                 convert_to_universal(path, DS_TAG, load_dir)
             dist.barrier()
         self.engine.load(load_dir, DS_TAG)
-        self.global_step = state["global_step"]
-        self.best_metric = state["best_metric"]
-        self.ledger = Ledger.load(path / "ledger")
+        self.load_state_dict(state, str(path / "state"))
         rng = path / "rng" / f"rank{self.rank}.npz"
         if written_by == self.world_size and rng.exists():
             checkpoint.load_rng_state(rng)
@@ -503,49 +434,17 @@ class Trainer:
         )  # fmt: skip
 
     def export_info(self) -> dict:
-        """What an export needs besides the weights: encoder config, heads and their labels, LoRA."""
-        heads = {
-            name: {
-                "level": TASKS[name].level,
-                "output_mode": self.task.modes[name],
-                "loss_type": self.task.loss_types[name],
-                "molecule": "gene" if TASKS[name].obj_type == 0 else "prot",
-                "classifier_size": head.hidden_layer.out_features,
-                "num_outputs": head.classifier.out_features,
-                "weight": self.task.weights[name],
-                "labels": self.plan.label_names.get(name),
-            }
-            for name, head in self.task.heads.items()
-        }
-        lora = self.cfg.lora
-        return {"encoder_config": self.model.config.to_dict(), "heads": heads,
-                "lora": {"enabled": lora.enabled, "r": lora.r, "alpha": lora.alpha}}  # fmt: skip
+        """The family's export record (config, heads, labels), tagged with the family's name."""
+        return {"family": self.family.name, **self.family.export_info(self.task)}
 
     def export(self, directory: Path, extra: dict | None = None) -> None:
-        """Encoder (transformers-loadable) and task heads, see `lucatrain.export` (collective: gathers ZeRO shards)."""
+        """What the family exports (collective: gathers ZeRO shards), plus trainer_state.json."""
         state = self.engine.full_state_dict(self.task)
         if dist.is_main():
-            info = self.export_info()
-            encoder, heads = split_task_state(state, info["lora"])
-            write_export(directory, self.model.config, encoder, heads, info["heads"])
+            self.family.export(directory, state, self.export_info())
             trainer_info = {"global_step": self.global_step, **(extra or {})}
             (directory / "trainer_state.json").write_text(json.dumps(trainer_info, indent=1))
         dist.barrier()
-
-
-def _accumulate(into: dict[str, float], values: dict[str, float]) -> None:
-    for key, value in values.items():
-        into[key] = into.get(key, 0.0) + value
-
-
-def _numbers(report: dict[str, torch.Tensor]) -> dict:
-    """A Task report as Python floats (scalars) and numpy arrays (per-label vectors)."""
-    return {k: v.item() if v.ndim == 0 else v.detach().cpu().numpy().astype(np.float64) for k, v in report.items()}
-
-
-def _rows_of_types(data: PreparedDataset, obj_types: list[int]) -> np.ndarray:
-    """Row indices of the records whose molecule type is in `obj_types`."""
-    return np.flatnonzero(np.isin(data.obj_types, obj_types))
 
 
 def run_training(cfg: Config) -> dict:

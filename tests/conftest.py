@@ -15,6 +15,60 @@ LUCAONE_DEV = DATA / "lucaone_sample" / "dev" / "dev.csv"
 def pytest_configure(config):
     config.addinivalue_line("markers", "multiprocess: launches several real processes over gloo")
     config.addinivalue_line("markers", "slow: minutes on 2 cores; run with -m slow")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def isolated_process_state():
+    """Each test starts with the environment and process group it found, whatever it did itself.
+
+    In-process training sets RANK, WORLD_SIZE, MASTER_PORT=0 ... and creates a process group; left
+    behind, they would make later tests join a world that no longer exists.
+    """
+    import torch.distributed as torch_dist
+
+    saved = dict(os.environ)
+    had_group = torch_dist.is_available() and torch_dist.is_initialized()
+    yield
+    if not had_group and torch_dist.is_available() and torch_dist.is_initialized():
+        from lucatrain.engine import release_process_group
+
+        release_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+# Random kill points are drawn from one generator per session, seeded from LUCATRAIN_TEST_SEED (or the
+# clock) and printed, so a failure at one kill point can be rerun exactly.
+KILL_SEED = int(os.environ.get("LUCATRAIN_TEST_SEED", str(int.from_bytes(os.urandom(4), "big"))))
+_KILL_RNG = None
+
+
+def kill_step(low: int, high: int) -> int:
+    """A random step in [low, high] from the seeded session generator (seed in the output)."""
+    import random
+
+    global _KILL_RNG
+    if _KILL_RNG is None:
+        _KILL_RNG = random.Random(KILL_SEED)
+    step = _KILL_RNG.randint(low, high)
+    print(f"kill step {step} (LUCATRAIN_TEST_SEED={KILL_SEED})")
+    return step
+
+
+def pytest_report_header(config):
+    return f"random kill points: LUCATRAIN_TEST_SEED={KILL_SEED}"
 
 
 def tiny_overrides(tmp_path: Path, **extra) -> list[str]:

@@ -9,6 +9,7 @@ import torch
 
 from lucatrain import checkpoint
 from lucatrain.progress import Ledger, audit
+from lucatrain.state import read_state, write_state
 
 
 def fake_checkpoint(root, step, keep_last=0):
@@ -68,14 +69,31 @@ def test_ledger_round_trip_step_ids_and_audit(tmp_path):
     ledger.record_step(2, 0, 3, 5, np.array([13, 14]), tokens=20)
     ledger.start_epoch(1, {}, "f" * 64)
     ledger.record_step(3, 1, 0, 2, np.array([14, 14]), tokens=20)
-    ledger.save(tmp_path)
-    again = Ledger.load(tmp_path)
+    write_state(tmp_path / "state", {"ledger": ledger.state_dict()})
+    again = Ledger.from_checkpoint(tmp_path)
     assert again.summary() == ledger.summary() == {"epoch": 1, "cursor": 2, "samples_seen": 7, "tokens_seen": 70, "steps": 3}
     np.testing.assert_array_equal(again.step_ids(2), [13, 14])
     np.testing.assert_array_equal(again.step_ids(3), [14, 14])
     report = audit(again, all_ids=np.arange(10, 16))
     assert report[0] == {"consumed": 5, "unique": 5, "duplicates": [], "num_duplicates": 0, "never_seen": 1}
     assert report[1]["duplicates"] == [14] and report[1]["never_seen"] == 5
-    (tmp_path / "ids_epoch0.npy").write_bytes((tmp_path / "ids_epoch1.npy").read_bytes())
-    with pytest.raises(ValueError, match="ids_epoch0.npy holds 2 ids, ledger.json says 5"):
-        Ledger.load(tmp_path)
+    # A torn ledger (epoch 0's ids replaced by epoch 1's) no longer adds up and is refused.
+    state_dir = tmp_path / "state"
+    (state_dir / "ledger.epochs.0.ids.npy").write_bytes((state_dir / "ledger.epochs.1.ids.npy").read_bytes())
+    with pytest.raises(ValueError, match="steps consumed 7 samples but it holds 4 ids"):
+        Ledger.from_checkpoint(tmp_path)
+
+
+def test_state_round_trip_keeps_nested_values_and_arrays(tmp_path):
+    state = {"trainer": {"global_step": 7, "best_metric": None, "names": ["a", "b"]},
+             "ledger": {"epochs": {"0": {"ids": np.arange(5, dtype=np.int64)}}}, "empty": {}}  # fmt: skip
+    write_state(tmp_path, state)
+    again = read_state(tmp_path)
+    np.testing.assert_array_equal(again["ledger"]["epochs"]["0"]["ids"], np.arange(5))
+    assert again["trainer"] == state["trainer"] and again["empty"] == {}
+    assert "__array__" in (tmp_path / "state.json").read_text()  # arrays live beside the JSON, not in it
+    with pytest.raises(TypeError, match="must be a string"):
+        write_state(tmp_path / "bad", {"epochs": {0: 1}})
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="state.json: unreadable checkpoint state"):
+        read_state(tmp_path)

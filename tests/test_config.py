@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from lucatrain.config import Config, ConfigError, load_config, shipped_recipes
-from lucatrain.tasks import TASK_NAMES
+from lucatrain.families.lucaone import TASK_NAMES
 
 
 def test_defaults_validate():
@@ -74,3 +74,69 @@ def test_bad_keys_and_values_name_the_key(override, fragment):
 def test_missing_recipe_lists_shipped(tmp_path):
     with pytest.raises(ConfigError, match="shipped recipes are"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_lists_and_dicts_are_typed_element_by_element():
+    cfg = load_config(None, ["data.dev_splits={seen: [a.csv], unseen: [b.csv, c.csv]}", "tasks.classifier_sizes={prot_site: 16}"])
+    assert cfg.data.dev_splits == {"seen": ["a.csv"], "unseen": ["b.csv", "c.csv"]}
+    with pytest.raises(ConfigError, match=r"`tasks.classifier_sizes.prot_site` must be an integer, got 'big'"):
+        load_config(None, ["tasks.classifier_sizes={prot_site: big}"])
+    with pytest.raises(ConfigError, match=r"`data.dev_splits.seen` must be a list"):
+        load_config(None, ["data.dev_splits={seen: 3}"])
+    with pytest.raises(ConfigError, match=r"`tasks.weights.gene_mask` must be a number"):
+        load_config(None, ["tasks.weights={gene_mask: [1]}"])
+
+
+def test_family_sections_are_registered_and_checked():
+    from lucatrain.config import section_names
+
+    assert {"tasks", "finetune"} <= set(section_names())  # added by the LucaOne and fine-tuning families
+    cfg = load_config(None, ["model.model_type=seq_finetune", "finetune.pooling=mean"])
+    assert cfg.finetune.pooling == "mean" and cfg.to_dict()["finetune"]["pooling"] == "mean"
+    with pytest.raises(ConfigError, match=r"unknown config key `finetune.polling`; valid keys in `finetune` are"):
+        load_config(None, ["finetune.polling=mean"])
+    with pytest.raises(ConfigError, match=r"unknown config section `clip`; valid sections are \[.*'tasks', 'finetune'\]"):
+        load_config(None, ["clip.batch_size=8"])
+    # A saved config.yaml loads back to the same values, family sections included.
+    assert load_config(None, []).to_dict() == Config().to_dict()
+
+
+def test_lucaone_style_flag_gets_a_hint():
+    with pytest.raises(ConfigError, match=r"lucatrain takes `section.key=value`, e.g. `train.max_steps=...`"):
+        load_config(None, ["--max_steps"])
+
+
+def test_a_family_section_may_nest_sections():
+    """A family's config may hold nested dataclasses (e.g. CLIBD's `lr_config: {lr, max_lr}`): each level's
+    keys and types are checked and errors name the full dotted key."""
+    from dataclasses import dataclass, field
+
+    from lucatrain import config as config_module
+
+    @dataclass
+    class LrConfig:
+        lr: float = 1e-6
+        max_lr: float = 5e-5
+
+        def validate(self):
+            if self.max_lr < self.lr:
+                raise ConfigError("`toy.lr_config.max_lr` must be >= `toy.lr_config.lr`")
+
+    @dataclass
+    class ToySection:
+        lr_config: LrConfig = field(default_factory=LrConfig)
+        towers: list[int] = field(default_factory=lambda: [1])
+
+        def validate(self):
+            self.lr_config.validate()
+
+    config_module.register_section("toy", ToySection)
+    try:
+        cfg = load_config(None, ["toy.lr_config.max_lr=1e-4", "toy.towers=[2, 3]"])
+        assert cfg.toy.lr_config.max_lr == 1e-4 and cfg.toy.lr_config.lr == 1e-6 and cfg.toy.towers == [2, 3]
+        with pytest.raises(ConfigError, match=r"unknown config key `toy.lr_config.maxlr`"):
+            load_config(None, ["toy.lr_config.maxlr=1"])
+        with pytest.raises(ConfigError, match=r"`toy.towers\[1\]` must be an integer, got 'b'"):
+            load_config(None, ["toy.towers=[1, b]"])
+    finally:
+        del config_module.FAMILY_SECTIONS["toy"]

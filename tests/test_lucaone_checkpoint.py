@@ -295,7 +295,7 @@ def test_other_shape_mismatch_names_key_and_shapes(ckpt):
 
 def run_heads(num_labels, sizes=None):
     """This run's task heads for gene_taxonomy and prot_keyword (a PretrainTask's `heads`)."""
-    from lucatrain.tasks import build_task
+    from lucatrain.families.lucaone import build_task
 
     sizes = sizes or {"gene_taxonomy": 16, "prot_keyword": 8}
     encoder = LucaGPLM(LucaGPLMConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=HEADS))

@@ -13,6 +13,7 @@ from lucatrain.cli import main as cli_main
 from lucatrain.data.prepared import load_prepared
 from lucatrain.models.lucagplm import LucaGPLM
 from lucatrain.progress import Ledger
+from lucatrain.state import read_state
 
 pytestmark = pytest.mark.multiprocess
 
@@ -102,8 +103,8 @@ def test_all_tasks_with_gene_only_and_protein_only_ranks(tmp_path):
 
     # Which steps put a gene on one rank and a protein on the other?
     ckpt = two / "run" / "checkpoints" / "step-000010"
-    ledger = Ledger.load(ckpt / "ledger")
-    data = load_prepared(json.loads((ckpt / "trainer_state.json").read_text())["train_data"])
+    ledger = Ledger.from_checkpoint(ckpt)
+    data = load_prepared(read_state(ckpt / "state")["trainer"]["train_data"])
     types = data.obj_types[data.index_of_ids(ledger.consumed_ids(0))].reshape(-1, 2)
     assert (types[:, 0] != types[:, 1]).sum() >= 3, types
 

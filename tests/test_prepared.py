@@ -90,7 +90,12 @@ def test_rows_arbitrary_indices(shipped):
     rng = np.random.default_rng(0)
     indices = [3429, 0, 311, 312, 0, 3429, 1700] + rng.integers(0, 3430, 50).tolist()
     rows = shipped.rows(indices)
-    assert set(rows) == {"sample_id", "obj_type", "seq", "labels"}
+    assert set(rows) == {"sample_id", "obj_id", "obj_type", "seq", "labels"}
+    assert rows["obj_id"] == [expected[i].obj_id for i in indices]
+    # A family asks for the columns it needs; sample_id always comes along.
+    assert set(shipped.rows(indices, ["seq"])) == {"sample_id", "seq"}
+    with pytest.raises(KeyError, match=r"no column\(s\) \['image'\]"):
+        shipped.rows(indices, ["image"])
     assert rows["seq"] == [expected[i].seq for i in indices]
     assert rows["labels"] == [expected[i].labels for i in indices]
     assert rows["obj_type"] == [expected[i].obj_type for i in indices]
@@ -319,3 +324,58 @@ def test_200k_record_fasta(tmp_path):
     picks = [n - 1, 0, 123_456, 99_999]
     assert ds.rows(picks)["seq"] == [seqs[i].tobytes().decode() for i in picks]
     assert ds.index_of_ids([sample_id_of("synthetic.fa", 123_456, "r123456")]).tolist() == [123_456]
+
+
+def test_a_registered_source_and_a_family_schema_with_blobs_vectors_and_modality_masks(tmp_path):
+    """The data layer is not LucaOne's alone: a new format plugs into the registry, and a family's schema
+    may hold binary blobs (encoded images), float vectors and nullable modalities with per-sample masks."""
+    import io
+
+    from PIL import Image
+
+    from lucatrain.data.schema import Column, PrepareRecipe, Schema
+    from lucatrain.data.sources import SOURCES, Record, Source, detect_format, register_source
+
+    def png(value: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (4, 4), (value, 0, 0)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def read_specimens(path, fasta_obj_type="auto"):
+        for index, line in enumerate(path.read_text().splitlines()):
+            obj_id, barcode, has_image = line.split("\t")
+            image = png(index * 40) if has_image == "1" else None
+            yield Record(obj_id, 0, barcode, "{}", str(path), index + 1, index, {"image": image, "size": [index, 0.5]})
+
+    class SpecimenRecipe(PrepareRecipe):
+        name = "specimens"
+        formats = ("specimen_tsv",)
+        schema = Schema((Column("obj_id", "string"), Column("barcode", "string"), Column("image", "binary"),
+                         Column("size", "float_vector")), modalities=("image",))  # fmt: skip
+
+        def row(self, record):
+            return {"obj_id": record.obj_id, "barcode": record.seq, "image": record.extra["image"], "size": record.extra["size"]}
+
+    register_source(Source("specimen_tsv", read_specimens, (".specimens",)))
+    try:
+        path = tmp_path / "batch.specimens"
+        path.write_text("BIOUG1\tACGTACGT\t1\nBIOUG2\tACGGT\t0\nBIOUG3\tAACGT\t1\n")
+        assert detect_format(path) == "specimen_tsv"
+        data = prepare([path], tmp_path / "prepared", recipe=SpecimenRecipe())
+        assert data.recipe == "specimens" and data.obj_types is None
+        np.testing.assert_array_equal(data.present("image"), [True, False, True])  # the modality mask
+        rows = data.rows([2, 1], ["image", "size"])
+        assert set(rows) == {"sample_id", "image", "size"}
+        assert rows["image"][1] is None and Image.open(io.BytesIO(rows["image"][0])).getpixel((0, 0)) == (80, 0, 0)
+        assert rows["size"][0] == [2.0, 0.5]
+        np.testing.assert_array_equal(data.lengths, [8, 5, 5])
+        # Reloaded from disk, the schema comes from meta.json.
+        again = load_prepared(data.path)
+        assert again.schema == SpecimenRecipe.schema and again.rows([0], ["barcode"])["barcode"] == ["ACGTACGT"]
+        # The LucaOne recipe refuses the format by name instead of guessing.
+        from lucatrain.families.lucaone import LUCAONE_RECIPE
+
+        with pytest.raises(RecordError, match="is specimen_tsv, which the lucaone recipe does not read"):
+            prepare([path], tmp_path / "other", recipe=LUCAONE_RECIPE)
+    finally:
+        SOURCES.pop("specimen_tsv")

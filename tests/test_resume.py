@@ -1,12 +1,11 @@
 """Exact resume from `trained_checkpoint`: SIGKILL, torn checkpoints, changed world size and data."""
 
-import random
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import LUCAONE_DEV, launch, read_history, tiny_overrides
+from conftest import LUCAONE_DEV, kill_step, launch, read_history, tiny_overrides
 from lucatrain.checkpoint import read_valid_manifest
 from lucatrain.progress import Ledger
 
@@ -27,7 +26,7 @@ def final_weights(run):
 
 def final_ledger(run):
     latest = (run / "checkpoints" / "latest").read_text().strip()
-    return Ledger.load(run / "checkpoints" / latest / "ledger")
+    return Ledger.from_checkpoint(run / "checkpoints" / latest)
 
 
 def assert_same_stream(a: Ledger, b: Ledger):
@@ -61,7 +60,7 @@ def uninterrupted(reference_runs):
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_sigkill_at_random_step_then_resume_is_bitwise_exact(tmp_path, reference_runs, zero):
     uninterrupted = reference_runs(zero)
-    kill_at = random.Random().randint(4, STEPS - 1)
+    kill_at = kill_step(4, STEPS - 1)
     config = {"deepspeed.config": zero}
     launch(args_for(tmp_path, **config), nproc=2, env={"LUCATRAIN_FAULT": f"step:{kill_at}"}, expect_failure=True)
     run = tmp_path / "run"
@@ -97,7 +96,7 @@ def test_checkpoint_without_manifest_is_skipped(tmp_path, uninterrupted):
 
     run = tmp_path / "run"
     shutil.copytree(uninterrupted / "checkpoints", run / "checkpoints")
-    victim = run / "checkpoints" / "step-000012" / "trainer_state.json"
+    victim = run / "checkpoints" / "step-000012" / "state" / "state.json"
     victim.write_text(victim.read_text() + " ")  # size no longer matches the manifest
     launch(args_for(tmp_path, **{"train.trained_checkpoint": "latest", "train.max_steps": 10}), nproc=2)
     log = (run / "logs" / "training.log").read_text()
@@ -154,11 +153,10 @@ def test_appended_data_file_skips_seen_ids(tmp_path):
     log = (run / "logs" / "training.log").read_text()
     assert "skipped by id" in log
     # The 112 records of the new file were trained on after the resume.
-    import json
-
     from lucatrain.data.prepared import load_prepared
+    from lucatrain.state import read_state
 
-    state = json.loads((run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "trainer_state.json").read_text())
+    state = read_state(run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "state")["trainer"]
     data = load_prepared(state["train_data"])
     assert len(data) == 312 and len(ids) == 312  # the epoch covered old and new records exactly once
     new_file_ids = set(data.sample_ids[200:].tolist())  # b.csv's 112 records come after a.csv's 200
@@ -184,7 +182,7 @@ def test_audit_reports_and_detects_a_duplicated_id(tmp_path, uninterrupted):
 
     run = tmp_path / "run"
     shutil.copytree(uninterrupted / "checkpoints", run / "checkpoints")
-    ids_path = run / "checkpoints" / "step-000012" / "ledger" / "ids_epoch0.npy"
+    ids_path = run / "checkpoints" / "step-000012" / "state" / "ledger.epochs.0.ids.npy"
     ids = np.load(ids_path)
     ids[5] = ids[4]  # same file size: the manifest still holds, the ledger now lies
     np.save(ids_path, ids)

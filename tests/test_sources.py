@@ -153,8 +153,9 @@ def test_detect_format_unknown_extension_lists_known(tmp_path):
 def test_list_input_files_expands_directories_sorted():
     files = list_input_files([DATA])
     assert files == sorted(files)
-    assert [f.name for f in files] == [
-        "dev.csv", "test.csv", "train.csv", "rrna_genes.fasta", "swissprot_sample.dat"
+    assert [str(f.relative_to(DATA)) for f in files] == [
+        "lucaone_sample/dev/dev.csv", "lucaone_sample/test/test.csv", "lucaone_sample/train/train.csv", "rrna_genes.fasta",
+        "rrna_type/dev/dev.csv", "rrna_type/test/test.csv", "rrna_type/train/train.csv", "swissprot_sample.dat",
     ]  # fmt: skip
     # label/*.txt are label lists, not Swiss-Prot files, so they are left out.
     assert not any(f.suffix == ".txt" for f in files)

@@ -10,11 +10,11 @@ from torch import nn
 
 from lucatrain.config import ConfigError, load_config
 from lucatrain.data.collate import Collator
-from lucatrain.data.labels import LabelStats, encode_labels, min_max_scaled, read_label_file
+from lucatrain.families.lucaone.labels import LabelStats, encode_labels, min_max_scaled, read_label_file
 from lucatrain.data.prepared import prepare
 from lucatrain.data.sources import RecordError
-from lucatrain.tasks import TASKS, build_task, metrics_from_sums, select_tasks
-from lucatrain.tasks.plan import plan_tasks
+from lucatrain.families.lucaone import LUCAONE_RECIPE, TASKS, build_task, metrics_from_sums, select_tasks
+from lucatrain.families.lucaone.plan import plan_tasks
 
 HEADER = "obj_id,obj_type,obj_seq,obj_label\n"
 
@@ -46,7 +46,7 @@ def test_labels_from_csv_in_json_and_python_literal_form(tmp_path):
         "g1,gene,ACGTAC,{'seq_level': {'gene_taxonomy': 4}}\n".replace("{'seq_level': {'gene_taxonomy': 4}}", csv_quote("{'seq_level': {'gene_taxonomy': 4}}")),
         "g2,gene,ACGTAC,\n",
     ])  # fmt: skip
-    data = prepare([path], tmp_path / "prepared")
+    data = prepare([path], tmp_path / "prepared", recipe=LUCAONE_RECIPE)
     rows = data.rows(range(4))
     assert json.loads(rows["labels"][0]) == json.loads(rows["labels"][1]) == json_label
     assert json.loads(rows["labels"][3]) == {}
@@ -74,13 +74,13 @@ def test_labels_from_csv_in_json_and_python_literal_form(tmp_path):
 def test_malformed_labels_stop_prepare_naming_file_and_line(tmp_path, label, message):
     path = write_csv(tmp_path / "train.csv", ["p0,prot,MKVLAT,\n", f"p1,prot,MKVLAT,{csv_quote(label)}\n"])
     with pytest.raises(RecordError, match=message) as err:
-        prepare([path], tmp_path / "prepared")
+        prepare([path], tmp_path / "prepared", recipe=LUCAONE_RECIPE)
     assert f"{path}:3" in str(err.value)
 
 
 def test_unknown_label_entries_are_counted_not_trained(tmp_path):
     path = write_csv(tmp_path / "train.csv", [f"p1,prot,MKV,{csv_quote(json.dumps({'seq_level': {'prot_keywords': [1]}}))}\n"])
-    stats = LabelStats(prepare([path], tmp_path / "prepared").meta["labels"])
+    stats = LabelStats(prepare([path], tmp_path / "prepared", recipe=LUCAONE_RECIPE).meta["labels"])
     assert stats.unknown_keys() == ["seq_level.prot_keywords"]
 
 
@@ -177,7 +177,10 @@ def test_collator_adds_task_labels_beside_masked_lm(tmp_path):
 
     label = {"seq_level": {"prot_taxonomy": 1}, "span_level": {"prot_domain": [[0, 1, 2]]}}
     rows = {"sample_id": [7, 8], "obj_type": [1, 0], "seq": ["MKVL", "ACG"], "labels": [json.dumps(label), "{}"]}
-    batch = Collator(16, masking=MaskingConfig(), label_tasks=("prot_domain", "prot_taxonomy"))(rows, epoch=0)
+    def labels(rows, n_residues, cuts, width):
+        return encode_labels(rows["labels"], ("prot_domain", "prot_taxonomy"), {}, n_residues, cuts, width)
+
+    batch = Collator(16, masking=MaskingConfig(), labels=labels)(rows, epoch=0)
     assert batch["prot_taxonomy_labels"].tolist() == [1, -100]
     assert batch["prot_domain_labels"].tolist() == [[-100, 2, 2, -100, -100, -100], [-100] * 6]
     assert batch["labels"].shape == batch["input_ids"].shape == (2, 6)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import LUCAONE_DEV, tiny_overrides
 from lucatrain.config import load_config
-from lucatrain.data.collate import EVAL_EPOCH
+from lucatrain.task import EVAL_EPOCH
 from lucatrain.models.lucagplm import LucaGPLM
 from lucatrain.optim import lr_multiplier
 from lucatrain.trainer import Trainer
@@ -24,7 +24,7 @@ def run_steps(tmp_path, name, batch_size, accumulation, steps=3, zero="zero2"):
         ),
     )
     trainer = Trainer(cfg)
-    initial = trainer.engine.full_state_dict(trainer.model)
+    initial = trainer.engine.full_state_dict(trainer.family.model)
     losses, norms = [], []
     stream = trainer.steps()
     for _ in range(steps):
@@ -33,7 +33,7 @@ def run_steps(tmp_path, name, batch_size, accumulation, steps=3, zero="zero2"):
         report = trainer.train_step(micro_batches)
         losses.append(report["gene_mask/loss_sum"] / report["gene_mask/count"])
         norms.append(trainer.engine.grad_norm())
-    params = trainer.engine.full_state_dict(trainer.model)
+    params = trainer.engine.full_state_dict(trainer.family.model)
     moved = max((params[n] - initial[n]).abs().max().item() for n in params)
     return losses, norms, params, moved
 
@@ -91,7 +91,7 @@ def test_short_training_loss_falls_and_exports_reload(tmp_path):
     evals = [h for h in result["history"] if "eval/loss" in h]
     final_eval = evals[-1]["eval/gene_mask/loss"]
     model = LucaGPLM.from_pretrained(run / "last").eval()
-    data = trainer.dev_data
+    data = trainer.dev_data["dev"]
     sums = [0.0, 0]
     with torch.no_grad():
         for rows in np.array_split(np.arange(len(data)), 10):
@@ -106,7 +106,8 @@ def test_short_training_loss_falls_and_exports_reload(tmp_path):
 
 
 def test_lora_trains_only_adapters_and_exports_merged_weights(tmp_path):
-    from lucatrain.trainer import build_model, seed_everything
+    from lucatrain.families.lucaone import build_model
+    from lucatrain.trainer import seed_everything
 
     overrides = tiny_overrides(
         tmp_path,
@@ -117,7 +118,7 @@ def test_lora_trains_only_adapters_and_exports_merged_weights(tmp_path):
     seed_everything(cfg.train.seed)
     initial = build_model(cfg).state_dict()
     trainer = Trainer(cfg)
-    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in trainer.family.model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
     trainer.train()
     exported = LucaGPLM.from_pretrained(tmp_path / "run" / "last").state_dict()
@@ -136,10 +137,10 @@ def test_deepspeed_checkpoint_loads_back(tmp_path):
     exported = LucaGPLM.from_pretrained(tmp_path / "run" / "last").state_dict()
 
     fresh = Trainer(load_config("demo_tiny", tiny_overrides(tmp_path / "fresh", **{"train.seed": 99})))
-    before = fresh.engine.full_state_dict(fresh.model)
+    before = fresh.engine.full_state_dict(fresh.family.model)
     assert not torch.equal(before["embed_tokens.weight"], exported["embed_tokens.weight"])
     fresh.engine.load(tmp_path / "run" / "checkpoints" / "step-000006", "ds")
-    loaded = fresh.engine.full_state_dict(fresh.model)
+    loaded = fresh.engine.full_state_dict(fresh.family.model)
     for name, value in exported.items():
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
 
@@ -148,7 +149,7 @@ def test_training_starts_from_a_lucaone_checkpoint(tmp_path):
     """model_dirpath pointing at a LucaOne checkpoint-step<N>/ sets the sizes and the initial weights."""
     from test_lucaone_checkpoint import lucaone_config, lucaone_state_dict, write_checkpoint
 
-    from lucatrain.trainer import build_model
+    from lucatrain.families.lucaone import build_model
 
     state = lucaone_state_dict(layers=3)
     write_checkpoint(tmp_path / "checkpoint-step100", state, lucaone_config(layers=3))

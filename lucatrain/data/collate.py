@@ -16,10 +16,6 @@ import numpy as np
 import torch
 
 from lucatrain.data import alphabet
-from lucatrain.data.labels import encode_labels
-
-# The epoch value used for dev/test masks, so evaluation masks never change between evaluations.
-EVAL_EPOCH = 0xFFFF_FFFF
 
 _U64 = np.uint64
 
@@ -140,20 +136,18 @@ class Collator:
       input_ids, token_type_ids, attention_mask, labels: (B, L) int64
       sample_ids: (B,) int64; num_tokens: () real tokens including CLS/SEP.
     `masking=None` produces no labels (inference / embedding).
-    `label_tasks` (with `num_labels` for multi-label tasks, `output_modes` where a task's mode differs
-    from the task table) adds one `<task>_labels` tensor per task (layouts in `lucatrain.data.labels`).
+    `labels(rows, n_residues, cuts, width) -> {name: array}` (a model family's label encoder) adds its
+    label tensors, aligned with the tokens: row i keeps `n_residues[i]` residues after `cuts[i]` were
+    cut from the left by truncation, padded to `width` tokens ([CLS] first).
     """
 
     def __init__(self, max_length: int, truncation: str = "right", masking: MaskingConfig | None = None, seed: int = 0,
-                 label_tasks: tuple[str, ...] = (), num_labels: dict[str, int] | None = None,
-                 output_modes: dict[str, str] | None = None):  # fmt: skip
+                 labels=None):  # fmt: skip
         self.max_length = max_length
         self.truncation = truncation
         self.masking = masking
         self.seed = seed
-        self.label_tasks = tuple(label_tasks)
-        self.num_labels = dict(num_labels or {})
-        self.output_modes = dict(output_modes or {})
+        self.labels = labels
 
     def __call__(self, rows: dict, epoch: int) -> dict[str, torch.Tensor]:
         obj_types = np.asarray(rows["obj_type"], dtype=np.int64)
@@ -189,10 +183,10 @@ class Collator:
         }
         if self.masking is not None:
             out["labels"] = torch.from_numpy(labels)
-        if self.label_tasks:
+        if self.labels is not None:
             lengths = np.array([len(seq) for seq in rows["seq"]], dtype=np.int64)
             cuts = lengths - n_residues if self.truncation == "left" else np.zeros_like(lengths)
-            encoded = encode_labels(rows["labels"], self.label_tasks, self.num_labels, n_residues, cuts, width, self.output_modes)
+            encoded = self.labels(rows, n_residues, cuts, width)
             out.update({key: torch.from_numpy(value) for key, value in encoded.items()})
         return out
 

@@ -29,9 +29,9 @@ import numpy as np
 import pyarrow as pa
 
 from lucatrain.data import alphabet
-from lucatrain.data.labels import LabelStats
+from lucatrain.data.schema import PrepareRecipe, Schema, SEQUENCE_SCHEMA
 from lucatrain.data.sources import (
-    FORMATS,
+    formats,
     RecordError,
     detect_format,
     iter_records,
@@ -52,17 +52,7 @@ _BATCH_CHARS = 64 * 2**20
 _HASH_CHUNK = 2**20  # 1 MiB reads when fingerprinting input files
 _ID_MASK = 0x7FFF_FFFF_FFFF_FFFF  # 63 bits: ids stay non-negative as int64
 
-SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.int64()),
-        ("obj_id", pa.string()),
-        ("obj_type", pa.int8()),
-        # large_string: 64-bit offsets, so a batch of long sequences cannot overflow 2 GiB.
-        ("seq", pa.large_string()),
-        ("labels", pa.string()),
-        ("length", pa.int32()),
-    ]
-)
+BASE_RECIPE = PrepareRecipe()
 
 
 def sample_id_of(file_name: str, index: int, obj_id: str) -> int:
@@ -100,8 +90,8 @@ def _options(fmt: str = "auto", fasta_obj_type: str = "auto", bad_records: str =
     """The validated prepare options, with defaults filled in (they enter the fingerprint)."""
     if bad_records not in BAD_RECORD_POLICIES:
         raise ValueError(f"bad_records must be one of {BAD_RECORD_POLICIES}, got {bad_records!r}")
-    if fmt != "auto" and fmt not in FORMATS:
-        raise ValueError(f"fmt must be 'auto' or one of {FORMATS}, got {fmt!r}")
+    if fmt != "auto" and fmt not in formats():
+        raise ValueError(f"fmt must be 'auto' or one of {list(formats())}, got {fmt!r}")
     if fasta_obj_type not in ("auto", "gene", "prot"):
         raise ValueError(f"fasta_obj_type must be 'auto', 'gene' or 'prot', got {fasta_obj_type!r}")
     return {"fmt": fmt, "fasta_obj_type": fasta_obj_type, "bad_records": bad_records}
@@ -118,10 +108,12 @@ class _BatchWriter:
     chunks (16 bytes a row), for the duplicate-id check at the end.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, recipe: PrepareRecipe):
+        self.recipe = recipe
+        self.schema = recipe.schema.arrow()
         self._sink = pa.OSFile(str(path), "wb")
-        self._writer = pa.ipc.new_stream(self._sink, SCHEMA)
-        self._columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+        self._writer = pa.ipc.new_stream(self._sink, self.schema)
+        self._columns: dict[str, list] = {name: [] for name in self.schema.names}
         self._chars = 0
         self._ids: list[np.ndarray] = []
         self._lines: list[np.ndarray] = []
@@ -129,21 +121,23 @@ class _BatchWriter:
         self.num_rows = 0
         self.residues = 0
         self.type_counts = {alphabet.GENE: 0, alphabet.PROT: 0}
-        self.label_stats = {alphabet.GENE: LabelStats(), alphabet.PROT: LabelStats()}
 
     def add(self, record, sample_id: int) -> None:
+        """Append one record; raises ValueError (from the recipe) for a record it cannot use."""
+        row = self.recipe.row(record)
+        length = self.recipe.length(record)
         cols = self._columns
         cols["sample_id"].append(sample_id)
-        cols["obj_id"].append(record.obj_id)
-        cols["obj_type"].append(record.obj_type)
-        cols["seq"].append(record.seq)
-        cols["labels"].append(record.labels)
-        cols["length"].append(len(record.seq))
+        for name, value in row.items():
+            cols[name].append(value)
+        for modality in self.recipe.schema.modalities:
+            cols[f"{modality}_present"].append(row[modality] is not None)
+        cols["length"].append(length)
         self._line_buffer.append(record.line)
-        self._chars += len(record.seq)
-        self.residues += len(record.seq)
-        self.type_counts[record.obj_type] += 1
-        self.label_stats[record.obj_type].add(record.label_max)
+        self._chars += length
+        self.residues += length
+        if "obj_type" in row:
+            self.type_counts[row["obj_type"]] += 1
         self.num_rows += 1
         if len(cols["sample_id"]) >= _BATCH_ROWS or self._chars >= _BATCH_CHARS:
             self.flush()
@@ -152,9 +146,7 @@ class _BatchWriter:
         cols = self._columns
         if not cols["sample_id"]:
             return
-        batch = pa.record_batch(
-            [pa.array(cols[f.name], type=f.type) for f in SCHEMA], schema=SCHEMA
-        )
+        batch = pa.record_batch([pa.array(cols[f.name], type=f.type) for f in self.schema], schema=self.schema)
         self._writer.write_batch(batch)
         self._ids.append(np.asarray(cols["sample_id"], dtype=np.int64))
         self._lines.append(np.asarray(self._line_buffer, dtype=np.int64))
@@ -174,12 +166,14 @@ class _BatchWriter:
         return ids, lines
 
 
-def _write_records(files: list[Path], staging: Path, options: dict) -> dict:
+def _write_records(files: list[Path], staging: Path, options: dict, recipe: PrepareRecipe) -> dict:
     """Write every good record of `files` into `staging`; return the counts for meta.json.
 
     With bad_records="fail" the first RecordError is raised; with "skip" it goes to rejects.jsonl.
+    A record the recipe refuses (ValueError) is a bad record like one the reader refused.
     """
-    writer = _BatchWriter(staging / DATA_FILE)
+    recipe.start()
+    writer = _BatchWriter(staging / DATA_FILE, recipe)
     rejects = None
     per_file = []
     file_row_ends = []  # cumulative row count after each file: maps a row back to its file
@@ -188,6 +182,13 @@ def _write_records(files: list[Path], staging: Path, options: dict) -> dict:
             fmt = detect_format(path) if options["fmt"] == "auto" else options["fmt"]
             good = bad = 0
             for item in iter_records(path, fmt, options["fasta_obj_type"]):
+                if not isinstance(item, RecordError):
+                    try:
+                        writer.add(item, sample_id_of(path.name, item.index, item.obj_id))
+                        good += 1
+                        continue
+                    except ValueError as err:
+                        item = RecordError(item.path, item.line, str(err))
                 if isinstance(item, RecordError):
                     if options["bad_records"] == "fail":
                         raise item
@@ -196,9 +197,6 @@ def _write_records(files: list[Path], staging: Path, options: dict) -> dict:
                     reject = {"path": item.path, "line": item.line, "reason": item.reason}
                     rejects.write(json.dumps(reject) + "\n")
                     bad += 1
-                    continue
-                writer.add(item, sample_id_of(path.name, item.index, item.obj_id))
-                good += 1
             per_file.append(
                 {"path": str(path.resolve()), "format": fmt, "records": good, "rejected": bad}
             )
@@ -217,8 +215,9 @@ def _write_records(files: list[Path], staging: Path, options: dict) -> dict:
             "prot": writer.type_counts[alphabet.PROT],
         },
         "total_residues": writer.residues,
-        # Per task: records carrying it and the largest label index (checked against label files at start).
-        "labels": {**writer.label_stats[alphabet.GENE].to_json(), **writer.label_stats[alphabet.PROT].to_json()},
+        "recipe": recipe.name,
+        "schema": recipe.schema.to_json(),
+        **recipe.meta(),
     }
 
 
@@ -270,7 +269,7 @@ def _check_out_dir_free(out_dir: Path) -> None:
         raise ValueError(f"{out_dir} already exists and is not empty; remove it or choose another")
 
 
-def _prepare_files(files: list[Path], out_dir: Path, options: dict, fingerprint: str):
+def _prepare_files(files: list[Path], out_dir: Path, options: dict, fingerprint: str, recipe: PrepareRecipe):
     """Build the prepared dataset of `files` in a staging dir and move it to `out_dir`."""
     _check_out_dir_free(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +278,7 @@ def _prepare_files(files: list[Path], out_dir: Path, options: dict, fingerprint:
         shutil.rmtree(staging)  # left by an earlier crashed run with our pid
     staging.mkdir()
     try:
-        counts = _write_records(files, staging, options)
+        counts = _write_records(files, staging, options, recipe)
         if counts["num_records"] == 0:
             raise ValueError(
                 f"no records in the inputs ({len(files)} file(s), "
@@ -300,10 +299,12 @@ def _prepare_files(files: list[Path], out_dir: Path, options: dict, fingerprint:
     return load_prepared(out_dir)
 
 
-def prepare(inputs, out_dir, *, fmt="auto", fasta_obj_type="auto", bad_records="fail"):
+def prepare(inputs, out_dir, *, fmt="auto", fasta_obj_type="auto", bad_records="fail", recipe: PrepareRecipe = BASE_RECIPE):
     """Read `inputs` (files and/or directories), validate, and write a prepared dataset.
 
-    fmt: "auto" (by extension) or one of sources.FORMATS for every file.
+    recipe: how records become rows (a model family's `prepare_recipe()`); the base recipe stores
+    gene/protein records as read.
+    fmt: "auto" (by extension) or a registered format (`sources.formats()`) for every file.
     fasta_obj_type: "auto", "gene" or "prot" (see sources.iter_records).
     bad_records: "fail" raises the first bad record (as RecordError 'PATH:LINE: reason');
     "skip" leaves it out and logs it to out_dir/rejects.jsonl.
@@ -311,11 +312,18 @@ def prepare(inputs, out_dir, *, fmt="auto", fasta_obj_type="auto", bad_records="
     """
     options = _options(fmt, fasta_obj_type, bad_records)
     files = list_input_files(inputs)
-    if fmt == "auto":
-        for path in files:
-            detect_format(path)  # fail on an unknown extension before hashing everything
+    _check_formats(files, options["fmt"], recipe)  # before hashing everything
     out_dir = Path(out_dir).expanduser()
-    return _prepare_files(files, out_dir, options, fingerprint_inputs(files, options))
+    fingerprint = fingerprint_inputs(files, {**options, **recipe.fingerprint_options()})
+    return _prepare_files(files, out_dir, options, fingerprint, recipe)
+
+
+def _check_formats(files: list[Path], fmt: str, recipe: PrepareRecipe) -> None:
+    """Every input's format is known and one the recipe reads (RecordError naming the file)."""
+    for path in files:
+        found = detect_format(path) if fmt == "auto" else fmt
+        if recipe.formats is not None and found not in recipe.formats:
+            raise RecordError(path, None, f"is {found}, which the {recipe.name} recipe does not read; it reads {list(recipe.formats)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +370,8 @@ def load_prepared(path) -> PreparedDataset:
         dataset = datasets.Dataset.from_file(str(path / DATA_FILE))
     except Exception as e:  # noqa: BLE001  (pyarrow/datasets raise many types for a bad file)
         raise ValueError(f"{path / DATA_FILE} is unreadable or corrupt: {e}") from None
-    missing = [name for name in SCHEMA.names if name not in dataset.column_names]
+    schema = Schema.from_json(meta["schema"]) if "schema" in meta else SEQUENCE_SCHEMA
+    missing = [c.name for c in schema.all_columns if c.name not in dataset.column_names]
     if missing or dataset.num_rows != meta.get("num_records"):
         raise ValueError(
             f"{path / DATA_FILE} does not match {META_FILE}: {dataset.num_rows} rows "
@@ -379,7 +388,7 @@ def _single_path(inputs) -> Path | None:
     return None
 
 
-def prepare_or_load(inputs, cache_dir, **options) -> PreparedDataset:
+def prepare_or_load(inputs, cache_dir, recipe: PrepareRecipe = BASE_RECIPE, **options) -> PreparedDataset:
     """A prepared dataset for `inputs`, reusing earlier work.
 
     If `inputs` is a single prepared directory it is loaded as is (`options` are then unused).
@@ -388,13 +397,15 @@ def prepare_or_load(inputs, cache_dir, **options) -> PreparedDataset:
     """
     single = _single_path(inputs)
     if single is not None and is_prepared(single):
-        return load_prepared(single)
+        data = load_prepared(single)
+        if data.recipe != recipe.name:
+            raise ValueError(f"{single} was prepared by the {data.recipe} recipe; this run needs {recipe.name}: "
+                             "pass the raw input files, or prepare them for this model family")  # fmt: skip
+        return data
     opts = _options(**options)
     files = list_input_files(inputs)
-    if opts["fmt"] == "auto":
-        for path in files:
-            detect_format(path)
-    fingerprint = fingerprint_inputs(files, opts)
+    _check_formats(files, opts["fmt"], recipe)
+    fingerprint = fingerprint_inputs(files, {**opts, **recipe.fingerprint_options()})
     out_dir = Path(cache_dir).expanduser() / fingerprint[:16]
     if is_prepared(out_dir):
         dataset = load_prepared(out_dir)
@@ -404,29 +415,35 @@ def prepare_or_load(inputs, cache_dir, **options) -> PreparedDataset:
                 f"expected {fingerprint}; remove it"
             )
         return dataset
-    return _prepare_files(files, out_dir, opts, fingerprint)
+    return _prepare_files(files, out_dir, opts, fingerprint, recipe)
 
 
 class PreparedDataset:
     """A prepared dataset: the memory-mapped Arrow table plus numpy views of its small columns.
 
-    `sample_ids`, `obj_types` and `lengths` are numpy arrays over all rows (row order = input
-    order), for samplers and length bucketing without touching the sequences.
+    `sample_ids` and `lengths` (and `obj_types`, where the schema has molecule types) are numpy
+    arrays over all rows (row order = input order), for samplers and length bucketing without
+    touching the sequences. `rows(indices, columns)` reads whole records.
     """
 
     def __init__(self, path: Path, meta: dict, dataset):
         self.path = Path(path)
         self.meta = meta
         self.fingerprint: str = meta["fingerprint"]
+        self.recipe: str = meta.get("recipe", "lucaone")  # datasets from before recipes were LucaOne's
+        self.schema = Schema.from_json(meta["schema"]) if "schema" in meta else SEQUENCE_SCHEMA
         self.dataset = dataset
         self.num_records: int = dataset.num_rows
         table = dataset.data
         self.sample_ids: np.ndarray = table.column("sample_id").to_numpy()  # int64 (N,)
-        self.obj_types: np.ndarray = table.column("obj_type").to_numpy()  # int8 (N,)
         self.lengths: np.ndarray = table.column("length").to_numpy()  # int32 (N,)
+        names = table.column_names
+        self.obj_types: np.ndarray | None = table.column("obj_type").to_numpy() if "obj_type" in names else None  # int8 (N,)
+        # Every column but `length`, which the numpy view above already holds.
+        self.column_names = [name for name in names if name != "length"]
         # Row gathers go batch by batch: pyarrow's take on a many-chunk table would first
         # concatenate every chunk (the whole file) on each call.
-        self._batches = table.table.select(["sample_id", "obj_type", "seq", "labels"]).to_batches()
+        self._batches = table.table.select(self.column_names).to_batches()
         self._batch_starts = np.cumsum([0] + [b.num_rows for b in self._batches])
         self._sorted_ids: np.ndarray | None = None
         self._sorted_order: np.ndarray | None = None
@@ -442,14 +459,23 @@ class PreparedDataset:
         # pickling the arrays and the memory map.
         return (load_prepared, (str(self.path),))
 
-    def rows(self, indices) -> dict:
-        """Columns sample_id, obj_type, seq, labels of rows `indices` (any order, repeats ok)."""
+    def present(self, modality: str) -> np.ndarray:
+        """(N,) bool: which samples carry `modality` (a column the schema lists in `modalities`)."""
+        if modality not in self.schema.modalities:
+            raise KeyError(f"{modality!r} is not a modality of {self.path} (modalities: {list(self.schema.modalities)})")
+        return self.dataset.data.column(f"{modality}_present").to_numpy(zero_copy_only=False)
+
+    def rows(self, indices, columns=None) -> dict:
+        """`columns` (default: all but length) of rows `indices` (any order, repeats ok), as lists."""
+        columns = self.column_names if columns is None else ["sample_id", *(c for c in columns if c != "sample_id")]
+        unknown = [c for c in columns if c not in self.column_names]
+        if unknown:
+            raise KeyError(f"{self.path} has no column(s) {unknown}; columns are {self.column_names}")
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_records):
             bad = idx[(idx < 0) | (idx >= self.num_records)][0]
             raise IndexError(f"row {bad} out of range for {self.num_records} records")
-        out = {"sample_id": [None] * idx.size, "obj_type": [None] * idx.size,
-               "seq": [None] * idx.size, "labels": [None] * idx.size}  # fmt: skip
+        out = {name: [None] * idx.size for name in columns}
         batch_of = np.searchsorted(self._batch_starts, idx, side="right") - 1
         order = np.argsort(batch_of, kind="stable")  # group the requests by batch
         bounds = np.flatnonzero(np.diff(batch_of[order])) + 1
@@ -458,7 +484,7 @@ class PreparedDataset:
                 continue
             b = int(batch_of[group[0]])
             local = idx[group] - self._batch_starts[b]
-            taken = self._batches[b].take(pa.array(local, type=pa.int64())).to_pydict()
+            taken = self._batches[b].select(columns).take(pa.array(local, type=pa.int64())).to_pydict()
             for name, values in out.items():
                 for position, value in zip(group.tolist(), taken[name]):
                     values[position] = value

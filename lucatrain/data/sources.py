@@ -1,7 +1,8 @@
 """Readers that turn input files into validated `Record`s.
 
-Supported formats (see `FORMATS`): the LucaOne pretraining CSV, FASTA, Swiss-Prot flat files,
-Parquet and JSON lines. Every reader yields, in file order, either a `Record` or a `RecordError`
+Formats are registered in `SOURCES` (`register_source`): the LucaOne pretraining CSV, the
+sequence-label CSV of LucaOne's downstream tasks, FASTA, Swiss-Prot flat files, Parquet and JSON
+lines. A model family's prepare recipe says which of them it reads. Every reader yields, in file order, either a `Record` or a `RecordError`
 for a record that is malformed, so the caller decides whether one bad record fails the whole run
 or is skipped and logged. Problems that make the whole file unreadable (missing file, wrong CSV
 header, unreadable Parquet, missing required columns) are raised instead.
@@ -24,29 +25,15 @@ import gzip
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lucatrain.data import alphabet
-from lucatrain.data.labels import check_labels
-
-FORMATS = ("lucaone_csv", "fasta", "swissprot", "parquet", "jsonl")
-
-# Extension -> format. A trailing ".gz" is allowed on the text formats (not on Parquet, which
-# compresses internally). ".txt" is too generic to trust: it counts as Swiss-Prot only when the
-# file starts with an "ID   " line (see `detect_format`).
-_EXTENSIONS = {
-    ".csv": "lucaone_csv",
-    ".fa": "fasta", ".fasta": "fasta", ".fna": "fasta", ".faa": "fasta", ".fas": "fasta",
-    ".ffn": "fasta",
-    ".dat": "swissprot", ".swiss": "swissprot", ".sp": "swissprot", ".txt": "swissprot",
-    ".parquet": "parquet",
-    ".jsonl": "jsonl", ".json": "jsonl",
-}  # fmt: skip
-_GZIP_OK = {"lucaone_csv", "fasta", "swissprot", "jsonl"}
 
 LUCAONE_CSV_HEADER = ["obj_id", "obj_type", "obj_seq", "obj_label"]
+# LucaOne's downstream-task CSVs: one sequence-level label per record (a class index or name, or a number).
+SEQ_LABEL_CSV_HEADER = ["seq_id", "seq_type", "seq", "label"]
 
 # FASTA auto-detection: a record is a gene when every letter is a nucleotide code and at least
 # this fraction are A/C/G/T/U/N. Proteins made only of the letters A, C, G, T, N, ... are possible
@@ -95,8 +82,8 @@ class Record:
     """1-based line where the record starts (Parquet: 1-based row number)."""
     index: int
     """0-based record index within its file; bad records are counted too."""
-    label_max: dict = field(default_factory=dict, compare=False)
-    """Task -> (largest label index, given as a list?) of this record (`labels.check_labels`), for meta.json."""
+    extra: dict = field(default_factory=dict, compare=False)
+    """Fields of formats with more than the LucaOne columns (seq_label_csv: `label`, the raw text)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,11 +97,6 @@ def _strip_gz(name: str) -> tuple[str, bool]:
     return name, False
 
 
-def _known_extensions() -> str:
-    exts = sorted(_EXTENSIONS)
-    return ", ".join(exts) + " (text formats also with .gz; .txt only for Swiss-Prot)"
-
-
 def _open_binary(path: Path):
     """Open a file for binary reading, transparently decompressing '.gz'."""
     if path.name.lower().endswith(".gz"):
@@ -122,26 +104,73 @@ def _open_binary(path: Path):
     return open(path, "rb")
 
 
-def _starts_with_swissprot_id(path: Path) -> bool:
+def _starts_with(path: Path, prefix: bytes) -> bool:
     try:
         with _open_binary(path) as f:
-            return f.read(5) == b"ID   "
+            head = f.read(len(prefix) + 3)
     except OSError:
         return False
+    return head.removeprefix(codecs.BOM_UTF8).startswith(prefix)
+
+
+# --------------------------------------------------------------------------------------------
+# The source registry
+
+
+@dataclass(frozen=True)
+class Source:
+    """An input format: its reader and the file names it claims."""
+
+    name: str
+    read: Callable[[Path, str], Iterator]
+    """(path, fasta_obj_type) -> Record | RecordError per record, in file order."""
+    extensions: tuple[str, ...]
+    gzip_ok: bool = True
+    """Whether `<name>.<ext>.gz` is read too (text formats; Parquet compresses internally)."""
+    sniff: Callable[[Path], bool] | None = None
+    """For the extensions in `sniff_extensions`: does this file's start show this format?"""
+    sniff_extensions: tuple[str, ...] = ()
+    sniff_hint: str = ""
+    """The error when no format sharing the extension recognises the file."""
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register_source(source: Source) -> Source:
+    """Add an input format. Formats that sniff a shared extension are tried before one that claims
+    it unconditionally, in registration order."""
+    if source.name in SOURCES:
+        raise ValueError(f"input format {source.name!r} is registered twice")
+    SOURCES[source.name] = source
+    return source
+
+
+def formats() -> tuple[str, ...]:
+    return tuple(SOURCES)
+
+
+def _known_extensions() -> str:
+    exts = sorted({ext for source in SOURCES.values() for ext in source.extensions})
+    return ", ".join(exts) + " (text formats also with .gz; .txt only for Swiss-Prot)"
 
 
 def detect_format(path) -> str:
-    """The format of `path`, from its extension (see module docstring). Raises RecordError."""
+    """The format of `path`, from its extension (and, where formats share one, its first line)."""
     path = Path(path)
     name, gz = _strip_gz(path.name)
-    fmt = _EXTENSIONS.get(Path(name).suffix.lower())
-    if fmt is None or (gz and fmt not in _GZIP_OK):
+    ext = Path(name).suffix.lower()
+    candidates = [s for s in SOURCES.values() if ext in s.extensions and (s.gzip_ok or not gz)]
+    if not candidates:
         raise RecordError(path, None, f"unknown file extension; known: {_known_extensions()}")
-    if Path(name).suffix.lower() == ".txt" and not _starts_with_swissprot_id(path):
-        raise RecordError(
-            path, None, "a .txt input must be a Swiss-Prot flat file starting with an 'ID   ' line"
-        )
-    return fmt
+    sniffing = [s for s in candidates if ext in s.sniff_extensions]
+    for source in sniffing:
+        if source.sniff(path):
+            return source.name
+    for source in candidates:
+        if ext not in source.sniff_extensions:
+            return source.name
+    raise RecordError(path, None, sniffing[0].sniff_hint)
 
 
 def _looks_prepared(directory: Path) -> bool:
@@ -280,18 +309,20 @@ def _check_obj_id(value) -> str:
     return value.strip()
 
 
-def _make_record(path, line, index, obj_id, obj_type, seq, labels) -> Record | RecordError:
-    """Validate raw field values into a Record, or a RecordError saying what is wrong."""
+def _make_record(path, line, index, obj_id, obj_type, seq, labels, extra=None) -> Record | RecordError:
+    """Validate raw field values into a Record, or a RecordError saying what is wrong.
+
+    Labels are parsed here (a dict, never `eval`); what they mean is checked by the model family's
+    prepare recipe, which knows its tasks.
+    """
     try:
         obj_id = _check_obj_id(obj_id)
         obj_type = _parse_obj_type(obj_type)
         seq = _check_seq(seq, obj_type)
-        label_dict = parse_label_dict(labels)
-        label_max = check_labels(label_dict, obj_type, len(seq))
+        labels = parse_labels(labels)
     except ValueError as e:
         return RecordError(path, line, str(e))
-    labels = json.dumps(label_dict, sort_keys=True, separators=(",", ":"))
-    return Record(obj_id, obj_type, seq, labels, str(path), line, index, label_max)
+    return Record(obj_id, obj_type, seq, labels, str(path), line, index, extra or {})
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +353,16 @@ def _bad_utf8_in(bad_lines: list[int], first: int, last: int) -> int | None:
     return None
 
 
-def _iter_lucaone_csv(path: Path) -> Iterator[Record | RecordError]:
+def _iter_lucaone_csv(path: Path, fasta_obj_type: str = "auto") -> Iterator[Record | RecordError]:
+    return _iter_csv(path, LUCAONE_CSV_HEADER, "LucaOne CSV")
+
+
+def _iter_seq_label_csv(path: Path, fasta_obj_type: str = "auto") -> Iterator[Record | RecordError]:
+    return _iter_csv(path, SEQ_LABEL_CSV_HEADER, "sequence-label CSV")
+
+
+def _iter_csv(path: Path, expected_header: list[str], what: str) -> Iterator[Record | RecordError]:
+    """Rows of a 4-column CSV (id, type, sequence, label) with the given header."""
     # Sequences can be far longer than the csv module's default 131,072-character field limit.
     csv.field_size_limit(2**31 - 1)
     bad_lines: list[int] = []
@@ -333,11 +373,11 @@ def _iter_lucaone_csv(path: Path) -> Iterator[Record | RecordError]:
             header = next(reader, None)
         except csv.Error as e:
             raise RecordError(path, 1, f"cannot parse CSV header: {e}") from None
-        if header != LUCAONE_CSV_HEADER:
+        if header != expected_header:
             found = "empty file" if header is None else ",".join(header)
             raise RecordError(
                 path, 1 if header is not None else None,
-                f"bad LucaOne CSV header {found!r}; expected {','.join(LUCAONE_CSV_HEADER)!r}",
+                f"bad {what} header {found!r}; expected {','.join(expected_header)!r}",
             )  # fmt: skip
         index = 0
         end = reader.line_num
@@ -357,10 +397,11 @@ def _iter_lucaone_csv(path: Path) -> Iterator[Record | RecordError]:
             bad_utf8 = _bad_utf8_in(bad_lines, start, end) if bad_lines else None
             if bad_utf8 is not None:
                 yield RecordError(path, start, f"line {bad_utf8} is not valid UTF-8")
-            elif len(row) != len(LUCAONE_CSV_HEADER):
-                yield RecordError(
-                    path, start, f"expected {len(LUCAONE_CSV_HEADER)} columns, found {len(row)}"
-                )
+            elif len(row) != len(expected_header):
+                yield RecordError(path, start, f"expected {len(expected_header)} columns, found {len(row)}")
+            elif expected_header is SEQ_LABEL_CSV_HEADER:
+                obj_id, obj_type, seq, label = row
+                yield _make_record(path, start, index, obj_id, obj_type, seq, None, {"label": label})
             else:
                 yield _make_record(path, start, index, *row)
             index += 1
@@ -424,7 +465,7 @@ def _swissprot_record(path: Path, line: int, index: int, entry: str) -> Record |
     return _make_record(path, line, index, parsed.id, alphabet.PROT, str(parsed.seq), None)
 
 
-def _iter_swissprot(path: Path) -> Iterator[Record | RecordError]:
+def _iter_swissprot(path: Path, fasta_obj_type: str = "auto") -> Iterator[Record | RecordError]:
     """Swiss-Prot entries, each parsed on its own with Bio.SeqIO ("swiss").
 
     Splitting the file at '//' ourselves gives each entry's exact starting line and lets one
@@ -468,7 +509,7 @@ def _seq_column(names: Iterable[str], path: Path, where: str) -> str:
     return seq_col
 
 
-def _iter_parquet(path: Path) -> Iterator[Record | RecordError]:
+def _iter_parquet(path: Path, fasta_obj_type: str = "auto") -> Iterator[Record | RecordError]:
     import pyarrow.parquet as pq
 
     try:
@@ -493,7 +534,7 @@ def _iter_parquet(path: Path) -> Iterator[Record | RecordError]:
         raise RecordError(path, index + 1, f"cannot read Parquet file: {e}") from None
 
 
-def _iter_jsonl(path: Path) -> Iterator[Record | RecordError]:
+def _iter_jsonl(path: Path, fasta_obj_type: str = "auto") -> Iterator[Record | RecordError]:
     bad_lines: list[int] = []
     index = 0
     with _open_binary(path) as binary:
@@ -526,14 +567,14 @@ def _jsonl_record(path: Path, line: int, index: int, text: str) -> Record | Reco
 def iter_records(path, fmt: str = "auto", fasta_obj_type: str = "auto"):
     """Yield a Record, or a RecordError for each bad record, for every record in `path`.
 
-    fmt: one of FORMATS, or "auto" to detect it from the extension.
+    fmt: a registered format (`formats()`), or "auto" to detect it from the extension.
     fasta_obj_type: "gene" or "prot" forces the type of every FASTA record; "auto" decides per
     record (nucleotide letters only and >= 90% A/C/G/T/U/N -> gene, else prot).
     Raises RecordError for problems with the whole file: a missing file when called; a bad
     CSV header, an unreadable Parquet file or missing required columns when iteration starts.
     """
-    if fmt != "auto" and fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose 'auto' or one of {FORMATS}")
+    if fmt != "auto" and fmt not in SOURCES:
+        raise ValueError(f"unknown format {fmt!r}; choose 'auto' or one of {list(SOURCES)}")
     if fasta_obj_type not in ("auto", "gene", "prot"):
         raise ValueError(f"fasta_obj_type must be 'auto', 'gene' or 'prot', got {fasta_obj_type!r}")
     path = Path(path)
@@ -543,12 +584,17 @@ def iter_records(path, fmt: str = "auto", fasta_obj_type: str = "auto"):
         raise RecordError(path, None, "not a regular file")
     if fmt == "auto":
         fmt = detect_format(path)
-    if fmt == "lucaone_csv":
-        return _iter_lucaone_csv(path)
-    if fmt == "fasta":
-        return _iter_fasta(path, fasta_obj_type)
-    if fmt == "swissprot":
-        return _iter_swissprot(path)
-    if fmt == "parquet":
-        return _iter_parquet(path)
-    return _iter_jsonl(path)
+    return SOURCES[fmt].read(path, fasta_obj_type)
+
+
+# The built-in formats. `.txt` is too generic to trust: it is Swiss-Prot only when the file starts
+# with an "ID   " line. `.csv` is a sequence-label CSV when its header says so, else LucaOne's.
+register_source(Source("seq_label_csv", _iter_seq_label_csv, (".csv",), sniff=lambda p: _starts_with(p, b"seq_id,seq_type,seq,label"),
+                       sniff_extensions=(".csv",)))  # fmt: skip
+register_source(Source("lucaone_csv", _iter_lucaone_csv, (".csv",)))
+register_source(Source("fasta", _iter_fasta, (".fa", ".fasta", ".fna", ".faa", ".fas", ".ffn")))
+register_source(Source("swissprot", _iter_swissprot, (".dat", ".swiss", ".sp", ".txt"), sniff=lambda p: _starts_with(p, b"ID   "),
+                       sniff_extensions=(".txt",), sniff_hint="a .txt input must be a Swiss-Prot flat file starting with an 'ID   ' line"))  # fmt: skip
+register_source(Source("parquet", _iter_parquet, (".parquet",), gzip_ok=False))
+register_source(Source("jsonl", _iter_jsonl, (".jsonl", ".json")))
+FORMATS = formats()

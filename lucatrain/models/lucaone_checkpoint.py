@@ -351,7 +351,7 @@ def infer_head_tasks(num_heads: int) -> list[str] | None:
     seq level, then structure level). 8 heads: the full LucaOne v2.0 set; 7: LucaVirus v1.0 (the
     same without prot_structure). Any other count is ambiguous: None (set `model.lucaone_head_tasks`).
     """
-    from lucatrain.tasks.specs import TASKS
+    from lucatrain.families.lucaone.specs import TASKS
 
     every = [name for name, spec in TASKS.items() if spec.has_head]
     return {len(every): every, len(every) - 1: [n for n in every if n != "prot_structure"]}.get(num_heads)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lucatrain.data.alphabet import IGNORE_INDEX
-from lucatrain.tasks.specs import LEVELS, MULTI_CLASS, MULTI_LABEL, REGRESSION, TASKS
+from lucatrain.families.lucaone.specs import LEVELS, MULTI_CLASS, MULTI_LABEL, REGRESSION, TASKS
 
 LABEL_HEADER = "label"
 

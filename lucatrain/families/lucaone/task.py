@@ -21,7 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lucatrain.data.alphabet import IGNORE_INDEX
-from lucatrain.tasks.specs import LOSS_TYPES, MLM, MULTI_CLASS, MULTI_LABEL, REGRESSION, TASKS
+from lucatrain.families.lucaone.specs import METRICS, MLM, MULTI_CLASS, MULTI_LABEL, REGRESSION, TASKS, resolve_modes
+from lucatrain.task import Metric, Task, higher_is_better, lower_is_better
+
+# Metrics where a larger value is better; every other metric (losses, MAE) is better lower.
+HIGHER_IS_BETTER = ("acc", "micro_f1", "macro_f1")
 
 # Regression losses by `tasks.loss_types` name, all summed over coordinates.
 REGRESSION_LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
@@ -44,23 +48,7 @@ def num_outputs(name: str, num_labels: dict[str, int]) -> int:
     return 3 if TASKS[name].output_mode == REGRESSION else num_labels[name]
 
 
-def resolve_modes(names, output_modes: dict | None, loss_types: dict | None) -> tuple[dict, dict]:
-    """(task -> output mode, task -> loss type) for `names`: the table's, overridden by the config's.
-    Raises ValueError for a mode or loss type the task cannot take."""
-    modes, losses = {}, {}
-    for name in names:
-        spec = TASKS[name]
-        modes[name] = (output_modes or {}).get(name, spec.output_mode)
-        if modes[name] not in spec.output_modes:
-            raise ValueError(f"`tasks.output_modes.{name}`: {modes[name]!r} is not possible; choose from {list(spec.output_modes)}")
-        losses[name] = (loss_types or {}).get(name, LOSS_TYPES[modes[name]][0])
-        if losses[name] not in LOSS_TYPES[modes[name]]:
-            raise ValueError(f"`tasks.loss_types.{name}`: {losses[name]!r} does not fit a {modes[name]} task; "
-                             f"choose from {list(LOSS_TYPES[modes[name]])}")  # fmt: skip
-    return modes, losses
-
-
-class PretrainTask(nn.Module):
+class PretrainTask(Task):
     """`loss, report = task(batch, totals)` for any selection of the tasks in `specs.TASKS`.
 
     report holds, per task, `<task>/loss_sum` and `<task>/count` (targets), plus `<task>/correct`
@@ -87,6 +75,24 @@ class PretrainTask(nn.Module):
                            num_outputs(name, num_labels), classifier_dropout)
             for name in self.label_tasks
         })  # fmt: skip
+
+    # ------------------------------------------------------------------ metrics
+
+    def metrics(self) -> dict[str, Metric]:
+        """`loss` (the weighted total) and per task its loss and the metrics of its output mode."""
+        declared = {"loss": lower_is_better("loss")}
+        for name in self.task_names:
+            for metric in METRICS[self.modes[name]]:
+                key = f"{name}/{metric}"
+                declared[key] = higher_is_better(key) if metric in HIGHER_IS_BETTER else lower_is_better(key)
+        return declared
+
+    def summarize(self, sums: dict) -> dict[str, float]:
+        """Per-task metrics from summed reports, then `loss`: the objective as the optimizer sees it,
+        the sum over tasks of weight x per-target mean loss."""
+        metrics = metrics_from_sums(sums)
+        metrics["loss"] = sum(w * metrics[f"{n}/loss"] for n, w in self.weights.items() if f"{n}/loss" in metrics)
+        return metrics
 
     # ------------------------------------------------------------------ targets
 

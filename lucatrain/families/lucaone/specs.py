@@ -112,3 +112,19 @@ def select_tasks(level_types, names) -> list[str]:
             )
     chosen = set(names) if names else {n for n, spec in TASKS.items() if spec.level in levels}
     return [n for n in TASK_NAMES if n in chosen]
+
+
+def resolve_modes(names, output_modes: dict | None, loss_types: dict | None) -> tuple[dict, dict]:
+    """(task -> output mode, task -> loss type) for `names`: the table's, overridden by the config's.
+    Raises ValueError for a mode or loss type the task cannot take."""
+    modes, losses = {}, {}
+    for name in names:
+        spec = TASKS[name]
+        modes[name] = (output_modes or {}).get(name, spec.output_mode)
+        if modes[name] not in spec.output_modes:
+            raise ValueError(f"`tasks.output_modes.{name}`: {modes[name]!r} is not possible; choose from {list(spec.output_modes)}")
+        losses[name] = (loss_types or {}).get(name, LOSS_TYPES[modes[name]][0])
+        if losses[name] not in LOSS_TYPES[modes[name]]:
+            raise ValueError(f"`tasks.loss_types.{name}`: {losses[name]!r} does not fit a {modes[name]} task; "
+                             f"choose from {list(LOSS_TYPES[modes[name]])}")  # fmt: skip
+    return modes, losses

@@ -14,9 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lucatrain.data.labels import LabelStats, read_label_file
-from lucatrain.tasks.pretrain import resolve_modes
-from lucatrain.tasks.specs import MULTI_CLASS, TASKS
+from lucatrain.families.lucaone.labels import LabelStats, read_label_file
+from lucatrain.families.lucaone.specs import MULTI_CLASS, TASKS, resolve_modes
 
 
 @dataclass

@@ -1,0 +1,241 @@
+"""The LucaOne/LucaVirus family: masked-LM pretraining of `LucaGPLM` plus LucaOne's label tasks.
+
+What it adds to the generic trainer:
+- a prepare recipe that checks every record's labels against the task table (file:line on error)
+  and stores per-task label statistics in meta.json;
+- `setup`: the task plan (selected tasks minus those without training labels, label counts from the
+  label files, label indices checked against them), logged at start-up;
+- the encoder (fresh, a lucatrain export, or a LucaOne/LucaVirus checkpoint with its task heads),
+  LoRA, and the PretrainTask with one head per label task;
+- the collator (masking + label tensors), the rows of the molecules the trained tasks score;
+- resume compatibility (same tasks, label counts and output modes) and the export (encoder in
+  LucaOne's state-dict names, transformers-loadable, plus heads.safetensors / heads.json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lucatrain import dist
+from lucatrain.config import ConfigError
+from lucatrain.data import alphabet
+from lucatrain.data.collate import Collator, MaskingConfig
+from lucatrain.data.schema import PrepareRecipe
+from lucatrain.export import split_task_state, write_export
+from lucatrain.families import register_family
+from lucatrain.families.base import Family
+from lucatrain.families.lucaone.config import TasksConfig
+from lucatrain.families.lucaone.labels import LabelStats, check_labels, encode_labels
+from lucatrain.families.lucaone.plan import TaskPlan, plan_tasks
+from lucatrain.families.lucaone.specs import TASK_NAMES, TASKS
+from lucatrain.families.lucaone.task import PretrainTask
+from lucatrain.models.lora import apply_lora
+from lucatrain.models.lucagplm import LucaGPLM, LucaGPLMConfig
+from lucatrain.models.lucaone_checkpoint import (
+    LoadReport,
+    is_lucaone_checkpoint,
+    load_lucaone_heads,
+    model_from_lucaone_checkpoint,
+)
+
+
+class LucaOneRecipe(PrepareRecipe):
+    """Gene/protein records whose labels are checked against LucaOne's task table at prepare time."""
+
+    name = "lucaone"
+    formats = ("lucaone_csv", "fasta", "swissprot", "parquet", "jsonl")
+
+    def fingerprint_options(self) -> dict:
+        return {}  # the fingerprint of datasets prepared before recipes existed, so their order is kept
+
+    def start(self) -> None:
+        self.stats = {alphabet.GENE: LabelStats(), alphabet.PROT: LabelStats()}
+
+    def row(self, record) -> dict:
+        found = check_labels(json.loads(record.labels), record.obj_type, len(record.seq))
+        self.stats[record.obj_type].add(found)
+        return super().row(record)
+
+    def meta(self) -> dict:
+        # Per task: records carrying it and the largest label index (checked against label files at start).
+        gene, prot = self.stats[alphabet.GENE].to_json(), self.stats[alphabet.PROT].to_json()
+        return {"labels": {**gene, **prot}}
+
+
+LUCAONE_RECIPE = LucaOneRecipe()
+
+
+def build_model(cfg) -> LucaGPLM:
+    """A fresh encoder from the config, or the weights exported at `model.model_dirpath`."""
+    return build_model_with_report(cfg)[0]
+
+
+def build_model_with_report(cfg) -> tuple[LucaGPLM, LoadReport | None]:
+    """`build_model`, plus the LoadReport when the weights came from a LucaOne checkpoint (its task
+    heads wait there for `load_lucaone_heads`)."""
+    m = cfg.model
+    if m.model_dirpath and not cfg.train.trained_checkpoint:  # resuming: the checkpoint has the weights
+        if is_lucaone_checkpoint(m.model_dirpath):
+            model, report = model_from_lucaone_checkpoint(
+                m.model_dirpath,
+                first_n_layers=m.init_first_n_layers,
+                gradient_checkpointing=m.gradient_checkpointing,
+                hidden_dropout_prob=m.hidden_dropout_prob,
+                attention_probs_dropout_prob=m.attention_probs_dropout_prob,
+                **({"num_hidden_layers": m.num_hidden_layers} if m.init_first_n_layers else {}),
+            )
+            return model, report
+        return LucaGPLM.from_pretrained(m.model_dirpath, gradient_checkpointing=m.gradient_checkpointing), None
+    config = LucaGPLMConfig(
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        intermediate_size=m.intermediate_size or 4 * m.hidden_size,
+        max_position_embeddings=m.max_position_embeddings,
+        hidden_dropout_prob=m.hidden_dropout_prob,
+        attention_probs_dropout_prob=m.attention_probs_dropout_prob,
+        token_dropout=m.token_dropout,
+        gradient_checkpointing=m.gradient_checkpointing,
+    )
+    return LucaGPLM(config), None
+
+
+def build_task(model, task_names, weights=None, num_labels=None, classifier_sizes=None, classifier_dropout=0.0,
+               output_modes=None, loss_types=None) -> PretrainTask:  # fmt: skip
+    """The Task module training `task_names` on `model` (heads sized by `num_labels`)."""
+    unknown = [n for n in task_names if n not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; valid tasks are {list(TASK_NAMES)}")
+    return PretrainTask(model, task_names, weights, num_labels, classifier_sizes, classifier_dropout, output_modes, loss_types)
+
+
+def lora_settings(cfg) -> dict:
+    lora = cfg.lora
+    return {"enabled": lora.enabled, "r": lora.r, "alpha": lora.alpha}
+
+
+@register_family
+class LucaOneFamily(Family):
+    name = "lucaone_gplm"
+    config_sections = {"tasks": TasksConfig}
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        for name in cfg.model.lucaone_head_tasks:
+            if name not in TASK_NAMES:
+                raise ConfigError(f"`model.lucaone_head_tasks`: unknown task {name!r}; valid tasks are {list(TASK_NAMES)}")
+
+    def prepare_recipe(self) -> PrepareRecipe:
+        return LUCAONE_RECIPE
+
+    def setup(self, train_data, dev_data: dict) -> None:
+        """The tasks this run trains (`tasks.plan`), checked against the label files and the data."""
+        cfg, logger = self.cfg, self.logger
+        stats = LabelStats(train_data.meta.get("labels"))
+        dev_stats = LabelStats(_merged_label_stats(dev_data)) if dev_data else None
+        self.plan: TaskPlan = plan_tasks(cfg.tasks.selected(), cfg.tasks.label_dir, cfg.data.train_files, stats, dev_stats,
+                                         cfg.tasks.output_modes)  # fmt: skip
+        plan = self.plan
+        if not dist.is_main():
+            return
+        logger.info("tasks: %s", ", ".join(f"{n} ({plan.num_labels[n]} labels)" if n in plan.num_labels else n
+                                           for n in plan.names))  # fmt: skip
+        for name, why in plan.dropped.items():
+            logger.warning("task %s is not trained: %s", name, why)
+        if plan.unknown_label_keys:
+            logger.warning("label entries that name no task are ignored: %s (tasks: %s)", plan.unknown_label_keys, list(TASKS))
+
+    def trainable_rows(self, data) -> np.ndarray:
+        """Records of a molecule no trained task scores are left out (a protein-only run on mixed data)."""
+        return np.flatnonzero(np.isin(data.obj_types, self.plan.obj_types))
+
+    def order_key(self) -> dict:
+        return {"obj_types": self.plan.obj_types}
+
+    def columns(self) -> tuple[str, ...]:
+        return ("sample_id", "obj_type", "seq", "labels")
+
+    def collator(self) -> Collator:
+        cfg, plan = self.cfg, self.plan
+        masking = MaskingConfig(cfg.tasks.mask_prob, cfg.tasks.mask_token_prob, cfg.tasks.random_token_prob)
+        label_tasks = tuple(plan.label_tasks)
+
+        def labels(rows, n_residues, cuts, width):
+            return encode_labels(rows["labels"], label_tasks, plan.num_labels, n_residues, cuts, width, plan.output_modes)
+
+        return Collator(cfg.data.max_length, cfg.data.truncation, masking, cfg.train.seed, labels if label_tasks else None)
+
+    def build_task(self, resume_from: Path | None = None) -> PretrainTask:
+        cfg, plan = self.cfg, self.plan
+        self.model, lucaone_report = build_model_with_report(cfg)
+        self.num_params = self.model.num_parameters()  # before ZeRO-3 partitions the parameters away
+        if cfg.lora.enabled:
+            lora = cfg.lora
+            self.model = apply_lora(self.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+        t = cfg.tasks
+        task = build_task(self.model, plan.names, t.weights, plan.num_labels, t.classifier_sizes, t.classifier_dropout,
+                          plan.output_modes, t.loss_types)  # fmt: skip
+        if lucaone_report is not None:
+            load_lucaone_heads(lucaone_report, task.heads, cfg.model.lucaone_head_tasks or None)
+            self.logger.info("initialised from LucaOne checkpoint: %s", lucaone_report.summary())
+        self.num_head_params = sum(p.numel() for p in task.heads.parameters())
+        return task
+
+    def describe(self) -> str:
+        return f"params={self.num_params / 1e6:.2f}M (+{self.num_head_params / 1e6:.2f}M in task heads)"
+
+    def resume_state(self) -> dict:
+        plan = self.plan
+        return {"tasks": plan.names, "num_labels": plan.num_labels, "output_modes": plan.output_modes}
+
+    def check_resume(self, saved: dict, path: Path) -> None:
+        ours = self.resume_state()
+        trained = {k: saved.get(k, v) for k, v in ours.items()}
+        if trained != ours:
+            raise ValueError(
+                f"{path} was trained with tasks {trained['tasks']} (label counts {trained['num_labels']}, modes "
+                f"{trained['output_modes']}); this run has {ours['tasks']} ({ours['num_labels']}, {ours['output_modes']}). "
+                "Resume with the same tasks and label files, or start a new run from its export with `model.model_dirpath`."
+            )
+
+    def export_info(self, task: PretrainTask) -> dict:
+        """What an export needs besides the weights: encoder config, heads and their labels, LoRA."""
+        heads = {
+            name: {
+                "level": TASKS[name].level,
+                "output_mode": task.modes[name],
+                "loss_type": task.loss_types[name],
+                "molecule": "gene" if TASKS[name].obj_type == 0 else "prot",
+                "classifier_size": head.hidden_layer.out_features,
+                "num_outputs": head.classifier.out_features,
+                "weight": task.weights[name],
+                "labels": self.plan.label_names.get(name),
+            }
+            for name, head in task.heads.items()
+        }
+        return {"encoder_config": self.model.config.to_dict(), "heads": heads, "lora": lora_settings(self.cfg)}
+
+    @classmethod
+    def export(cls, directory: Path, state: dict, info: dict, with_heads: bool = True) -> None:
+        """Encoder (transformers-loadable) and task heads, see `lucatrain.export`."""
+        encoder, heads = split_task_state(state, info.get("lora"))
+        config = LucaGPLMConfig(**info["encoder_config"])
+        if with_heads:
+            write_export(directory, config, encoder, heads, info.get("heads"))
+        else:
+            write_export(directory, config, encoder)
+
+
+def _merged_label_stats(dev_data: dict) -> dict:
+    """Label statistics over every dev split (their maxima are checked against the label files)."""
+    merged = LabelStats()
+    for data in dev_data.values():
+        for name, entry in (data.meta.get("labels") or {}).items():
+            own = merged.stats.setdefault(name, {"records": 0, "lists": 0, "max_index": -1})
+            own["records"] += entry["records"]
+            own["lists"] += entry["lists"]
+            own["max_index"] = max(own["max_index"], entry["max_index"])
+    return merged.to_json()
