@@ -28,8 +28,7 @@ setup(
         "tensorboard>=2.14",
         "pyyaml>=6",
         "tqdm>=4.60",
-        "Pillow>=9",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "Pillow>=9"]},
     entry_points={"console_scripts": ["lucatrain=lucatrain.cli:main"]},
 )

@@ -102,7 +102,7 @@ def overrides(args, run_dir: Path, cache_dir: Path, ds_config: str, precision: s
 
 def exact_num_params(args, ds_config: str, precision: str) -> int:
     """The encoder's parameter count, as Trainer computes it (the log prints it rounded to 10k)."""
-    from lucatrain.trainer import build_model
+    from lucatrain.models.encoder import build_model
 
     cfg = load_config("demo_tiny", overrides(args, Path("unused"), Path("unused"), ds_config, precision))
     return build_model(cfg).num_parameters()

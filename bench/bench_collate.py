@@ -204,7 +204,7 @@ def model_consumption(batches: list[dict], args) -> dict:
     """Tokens/s one demo_tiny training step consumes on these micro-batches (fwd + bwd + AdamW)."""
     from lucatrain.config import load_config
     from lucatrain.families.lucaone import build_task
-    from lucatrain.trainer import build_model
+    from lucatrain.models.encoder import build_model
 
     torch.set_num_threads(args.threads)
     cfg = load_config("demo_tiny", [f"data.max_length={args.max_length}", f"model.max_position_embeddings={args.max_length}",

@@ -15,7 +15,7 @@ Checkpoints at C samples consumed, without training C samples: one real run (tin
 `python -m lucatrain train`, 1 step) gives a real committed checkpoint. For each C, a copy of it gets
 a ledger that says C samples were consumed, built with `Ledger` exactly as the trainer records
 steps: `start_epoch(0, <the order key Trainer.epoch_order computes>)`, then `record_step` for each
-global batch of `plan_epoch(...)` up to C. trainer_state.json gets global_step = C / global batch,
+global batch of `plan_epoch(...)` up to C. The state gets global_step = C / global batch,
 and `write_manifest` makes the copy a valid checkpoint. The 0 case is such a copy with an empty
 ledger, so every case loads the same model/optimizer state and differs only in the ledger.
 
@@ -296,6 +296,7 @@ def bookkeeping_breakdown(ckpt: Path, data, cfg) -> dict:
     shell = Trainer.__new__(Trainer)
     shell.cfg, shell.train_data, shell.spec, shell.ledger = cfg, data, trainer_spec(cfg), ledger
     shell.family = type("FamilyShell", (), {"order_key": staticmethod(lambda: dict(ORDER_KEY_OF_FAMILY))})()
+    shell.train_rows = np.arange(len(data))  # the masked-LM tasks train on every record
     shell.logger = logging.getLogger("lucatrain")
     batches, position, _ = shell.epoch_order(ledger.epoch)
     t2 = time.perf_counter()
@@ -307,7 +308,7 @@ def bookkeeping_breakdown(ckpt: Path, data, cfg) -> dict:
         "epoch_order_s": t2 - t1,
         "split_remaining_s": t3 - t2,
         "remaining_steps": len(batches),
-        "ledger_files_bytes": sum(f.stat().st_size for f in (ckpt / "ledger").iterdir()),
+        "ledger_files_bytes": sum(f.stat().st_size for f in (ckpt / "state").iterdir()),
     }
 
 
@@ -432,7 +433,7 @@ def main(argv=None) -> int:
                   f"extrapolated linearly to {c:,}")  # fmt: skip
     print("\nresume bookkeeping inside the trainer, timed in this process (the parts that depend on C):")
     _common.print_table(
-        ["consumed", "ledger files bytes", "Ledger.load s", "epoch_order s", "rank split of remaining s", "remaining steps",
+        ["consumed", "state files bytes", "Ledger.from_checkpoint s", "epoch_order s", "rank split of remaining s", "remaining steps",
          "ratio to 0, same remaining"],
         [[f"{c:,}", b["ledger_files_bytes"], b["ledger_load_s"], b["epoch_order_s"], b["split_remaining_s"], b["remaining_steps"],
           b["ratio_to_0_same_remaining"]] for c, b in breakdown.items()],

@@ -43,7 +43,8 @@ from lucatrain import dist
 from lucatrain.config import load_config
 from lucatrain.data import alphabet
 from lucatrain.models.lucagplm import LucaGPLM, LucaGPLMConfig
-from lucatrain.trainer import Trainer, to_device
+from lucatrain.task import to_device
+from lucatrain.trainer import Trainer
 
 TARGET = 0.95
 
@@ -98,7 +99,7 @@ def trainer_overrides(args, ds_config: str, tmp: Path) -> list[str]:
 
 def make_baseline(trainer: Trainer, initial: dict[str, torch.Tensor]):
     """A plain LucaGPLM + torch AdamW with the trainer's config, hyperparameters and initial weights."""
-    model = LucaGPLM(LucaGPLMConfig(**trainer.model.config.to_dict()))
+    model = LucaGPLM(LucaGPLMConfig(**trainer.family.model.config.to_dict()))
     model.load_state_dict(initial)
     model.train()
     t = trainer.cfg.train
@@ -136,13 +137,13 @@ def baseline_step(model, optimizer, max_grad_norm: float, batch: dict) -> None:
 def run_config(args, ds_config: str, tmp: Path) -> dict:
     trainer = Trainer(load_config("demo_tiny", trainer_overrides(args, ds_config, tmp)))
     torch.set_num_threads(args.threads)  # after DeepSpeed init, in case it changed the setting
-    initial = trainer.engine.full_state_dict(trainer.model)
+    initial = trainer.engine.full_state_dict(trainer.family.model)
     model, optimizer, max_norm = make_baseline(trainer, initial)
 
     # Every micro-batch both sides will see, collated up front so that neither side times data work.
     needed = args.warmup + args.steps + args.profile_steps
     stream = trainer.steps()
-    batches = [next(stream)[1][0] for _ in range(needed)]
+    batches = [next(stream)[3][0] for _ in range(needed)]  # (epoch, rows, position, micro-batches)
     lucatrain_step = lambda mb: trainer.train_step([mb])  # noqa: E731
     plain_step = lambda mb: baseline_step(model, optimizer, max_norm, mb)  # noqa: E731
 

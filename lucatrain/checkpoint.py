@@ -31,6 +31,8 @@ import torch
 
 from lucatrain import dist
 from lucatrain.monitor import get_logger
+from lucatrain.progress import legacy_ledger_state
+from lucatrain.state import read_state
 
 MANIFEST = "manifest.json"
 EXPORT_INFO = "export.json"  # the family's export record: what an offline export needs besides the weights
@@ -113,6 +115,24 @@ def read_valid_manifest(directory: Path) -> dict | None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------------------- state
+
+
+def read_checkpoint_state(path: Path) -> dict:
+    """The state a checkpoint holds (`Trainer.state_dict`): `state/` (lucatrain.state), or the layout
+    written before it, trainer_state.json + ledger/, which was always the LucaOne family's."""
+    if (path / "state").is_dir() or not (path / "trainer_state.json").is_file():
+        return read_state(path / "state")
+    try:
+        old = json.loads((path / "trainer_state.json").read_text())
+        trainer = {k: old[k] for k in ("global_step", "best_metric", "world_size", "train_data", "fingerprint")}
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path / 'trainer_state.json'}: unreadable checkpoint state: {err!r}") from None
+    family = {k: old[k] for k in ("tasks", "num_labels", "output_modes") if k in old}
+    return {"trainer": {**trainer, "family": "lucaone_gplm"}, "family": family, "task": {}, "callbacks": {},
+            "ledger": legacy_ledger_state(path / "ledger")}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- commit & find

@@ -35,10 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     prep = verbs.add_parser("prepare", help="turn input files into a prepared dataset")
     prep.add_argument("inputs", nargs="+", help="files or directories (CSV, FASTA, Swiss-Prot, Parquet, JSONL)")
     prep.add_argument("--out", required=True, help="output directory of the prepared dataset")
-    prep.add_argument("--format", default="auto", help="auto, lucaone_csv, fasta, swissprot, parquet, jsonl")
+    prep.add_argument("--format", default="auto", help="auto, lucaone_csv, seq_label_csv, fasta, swissprot, parquet, jsonl")
     prep.add_argument("--fasta-obj-type", default="auto", choices=("auto", "gene", "prot"))
     prep.add_argument("--bad-records", default="fail", choices=("fail", "skip"))
-    prep.add_argument("--family", default="lucaone_gplm", help="model family whose record checks apply (model.model_type)")
+    prep.add_argument("--config", default=None, help="a recipe: its model family's record checks apply (model.model_type)")
+    prep.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="config override, e.g. --set model.model_type=seq_finetune --set finetune.label_file=label.txt")
 
     aud = verbs.add_parser("audit", help="report from a run's progress ledger: consumption, duplicates, unseen ids")
     aud.add_argument("run_dir", help="a run directory (its latest complete checkpoint is read) or a checkpoint directory")
@@ -59,12 +61,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args) -> int:
-    from lucatrain.config import Config
     from lucatrain.data.prepared import prepare
     from lucatrain.families import get_family
     from lucatrain.monitor import get_logger
 
-    recipe = get_family(args.family)(Config(), get_logger()).prepare_recipe()
+    # The family (and its settings, e.g. a fine-tuning label file) decide how records are checked.
+    cfg = load_config(args.config, [*args.set, f"data.train_files=[{', '.join(args.inputs)}]"])
+    recipe = get_family(cfg.model.model_type)(cfg, get_logger()).prepare_recipe()
     data = prepare(args.inputs, args.out, fmt=args.format, fasta_obj_type=args.fasta_obj_type, bad_records=args.bad_records,
                    recipe=recipe)  # fmt: skip
     print(f"prepared {data.num_records} records into {data.path} (fingerprint {data.fingerprint[:16]})")
@@ -103,10 +106,10 @@ def _audit(args) -> int:
     from lucatrain.data.prepared import is_prepared, load_prepared
     from lucatrain.progress import audit
 
-    from lucatrain.state import read_state
+    from lucatrain.checkpoint import read_checkpoint_state
 
     path, ledger = _ledger_of(args.run_dir)
-    state = read_state(path / "state")["trainer"]
+    state = read_checkpoint_state(path)["trainer"]
     all_ids = None
     if is_prepared(state.get("train_data", "")):
         all_ids = load_prepared(state["train_data"]).sample_ids

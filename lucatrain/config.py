@@ -83,8 +83,9 @@ class TrainConfig:
     save_total_limit: int = 3
     """Keep the newest N committed checkpoints (0 = all); the one `latest` names is never deleted."""
     best_metric: str = "loss"
-    """Dev metric choosing the `best/` export: 'loss' (the weighted total, lower is better) or
-    '<task>/<metric>' (loss, acc, micro_f1, macro_f1, mae; names ending in acc or f1 are higher-better)."""
+    """Dev metric choosing the `best/` export: one the model family's Task declares (with its direction,
+    e.g. LucaOne: 'loss', the weighted total, or '<task>/<metric>' with loss, acc, micro_f1, macro_f1,
+    mae), of the first dev split, or '<split>/<metric>' of a named one (`data.dev_splits`)."""
     progress_bar: bool = True
     """Show a tqdm bar on rank 0."""
 
@@ -159,6 +160,13 @@ class DataConfig:
             )
         _check_positive("data.bucket_size", self.bucket_size)
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
+        for name, files in self.dev_splits.items():
+            if name == "dev" and self.dev_files:
+                raise ConfigError("`data.dev_splits.dev`: the name 'dev' is taken by `data.dev_files`; choose another")
+            if not name or "/" in name:
+                raise ConfigError(f"`data.dev_splits`: a split name must be non-empty and without '/' (it prefixes metric names), got {name!r}")
+            if not files:
+                raise ConfigError(f"`data.dev_splits.{name}` lists no files")
 
 
 @dataclass
@@ -327,10 +335,11 @@ class Config:
             )
         from lucatrain.families import get_family
 
-        family = get_family(self.model.model_type)
-        for name in family.config_sections:
-            self.sections[name].validate()
-        family.check_config(self)
+        # Every family section is checked, the selected family's and the others' (a typo in a section
+        # this run does not read is still a typo), then the selected family's cross-section rules.
+        for section in self.sections.values():
+            section.validate()
+        get_family(self.model.model_type).check_config(self)
         return self
 
     def to_dict(self) -> dict:
@@ -392,8 +401,8 @@ def _coerce(key: str, value: Any, kind) -> Any:
         return str(value)
     if origin is list:
         (item,) = typing.get_args(kind) or (Any,)
-        if isinstance(value, str):  # `a,b` on the command line
-            value = [v for v in value.split(",") if v]
+        if isinstance(value, str):  # `a,b` (or `a, b`) on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
             if item is not str:
                 value = [yaml.safe_load(v) for v in value]
         if not isinstance(value, list):

@@ -201,7 +201,7 @@ class Engine:
         self.ds.eval()
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of a loss already normalised by the whole step's target count (see tasks/mlm.py).
+        """Backward of a loss already normalised by the whole step's target count (see lucatrain/task.py).
 
         DeepSpeed would divide by the accumulation steps (we switch that off) and averages
         gradients over ranks (we undo that by scaling with the world size), so the gradient is the
@@ -351,14 +351,20 @@ class Engine:
         """fp32 state dict of `submodule`, assembled from shards (collective: call on every rank).
 
         Uses the optimizer's fp32 master weights when DeepSpeed keeps them (bf16/fp16, ZeRO), so an
-        export from a bf16 run is not rounded to bf16.
+        export from a bf16 run is not rounded to bf16. A parameter without a master (ZeRO-0 fp32, or
+        one that is not trained: a frozen encoder, LoRA's base weights) is read as it is, gathered
+        first under ZeRO-3, where each rank holds only a slice of it.
         """
+        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
         state = {}
         for name, param in submodule.named_parameters(remove_duplicate=False):
-            full = safe_get_full_fp32_param(param)
-            if full is None:  # ZeRO-0 fp32: the parameter is the master weight
+            full = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if full is None and hasattr(param, "ds_id"):  # ZeRO-3 partitioned, no master: gather it whole
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    full = param.detach().float().cpu().clone()
+            elif full is None:  # ZeRO-0 fp32: the parameter is the master weight
                 full = param.detach()
             state[name] = full.detach().float().cpu().clone()
         for name, buffer in submodule.named_buffers():

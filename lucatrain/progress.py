@@ -15,6 +15,7 @@ another world size) the consumed ids are excluded from a new plan of the epoch, 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,19 +103,33 @@ class Ledger:
                 ledger.fingerprints[int(epoch)] = info["fingerprint"]
         except (KeyError, TypeError) as err:
             raise ValueError(f"{where}: malformed progress ledger ({err!r})") from None
-        consumed = sum(end - start for _, _, start, end, _ in ledger.steps)
-        held = sum(len(parts[0]) for parts in ledger.epoch_ids.values())
-        if consumed != held:
-            raise ValueError(f"{where}: the ledger's steps consumed {consumed} samples but it holds {held} ids")
+        for epoch in sorted(set(ledger.epoch_ids) | {step[1] for step in ledger.steps}):
+            consumed = sum(end - start for _, e, start, end, _ in ledger.steps if e == epoch)
+            held = len(ledger.consumed_ids(epoch))
+            if consumed != held:
+                raise ValueError(f"{where}: in epoch {epoch} the ledger's steps consumed {consumed} samples but it holds {held} ids")
         return ledger
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: Path) -> "Ledger":
-        """The ledger of a committed checkpoint directory."""
-        from lucatrain.state import read_state
+        """The ledger of a committed checkpoint directory (either layout, see `checkpoint.read_checkpoint_state`)."""
+        from lucatrain.checkpoint import read_checkpoint_state
 
-        state_dir = Path(checkpoint_dir) / "state"
-        return cls.from_state_dict(read_state(state_dir)["ledger"], str(state_dir))
+        return cls.from_state_dict(read_checkpoint_state(Path(checkpoint_dir))["ledger"], str(checkpoint_dir))
+
+
+def legacy_ledger_state(directory: Path) -> dict:
+    """The `state_dict` of a ledger saved before lucatrain.state (`<checkpoint>/ledger/`: ledger.json,
+    steps.npy, ids_epoch<E>.npy), so checkpoints of earlier runs still resume and audit."""
+    try:
+        meta = json.loads((directory / "ledger.json").read_text())
+        epochs = {e: {"ids": np.load(directory / f"ids_epoch{e}.npy", allow_pickle=False), "fingerprint": info["fingerprint"]}
+                  for e, info in meta["epochs"].items()}  # fmt: skip
+        steps = np.load(directory / "steps.npy", allow_pickle=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{directory}: unreadable progress ledger: {err}") from None
+    keys = ("version", "epoch", "cursor", "order_key", "samples_seen", "tokens_seen")
+    return {**{k: meta.get(k) for k in keys}, "steps_table": steps, "epochs": epochs}
 
 
 def audit(ledger: Ledger, all_ids: np.ndarray | None = None) -> dict:

@@ -3,8 +3,9 @@
 Everything with `state_dict()` (trainer counters, the progress ledger, the Task's and callbacks'
 run state, the family's resume record) goes into one nested dict, written by `write_state` as
 
-    <dir>/state.json          the dict, each array replaced by {"__array__": "<file>.npy"}
-    <dir>/<dotted.path>.npy   each array, saved with allow_pickle=False
+    <dir>/state.json          the dict, each array replaced by {"__array__": "array-<n>.npy"}
+    <dir>/array-<n>.npy       each array, saved with allow_pickle=False (numbered in the order the
+                              dict is walked: keys may hold any characters, '/' and '.' included)
 
 and read back by `read_state`. No pickle anywhere: a checkpoint can be inspected with `cat` and
 loaded without trusting its author.
@@ -25,10 +26,13 @@ def write_state(directory: Path, state: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
+    written: list[str] = []
+
     def encode(node, path: list[str]):
         if isinstance(node, np.ndarray):
-            name = ".".join(path) + ".npy"
+            name = f"array-{len(written):04d}.npy"
             np.save(directory / name, node, allow_pickle=False)
+            written.append(name)
             return {_ARRAY: name}
         if isinstance(node, dict):
             for key in node:

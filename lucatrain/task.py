@@ -12,10 +12,15 @@ forward over the whole local batch (its negatives), or a chunked step for batche
 
 **The loss normaliser, stated once.** The default `train_step` counts each term's targets over all of
 this rank's micro-batches, sums the counts over ranks (one all-reduce), and hands the totals to every
-forward. A Task divides each term's summed loss by its total, so the losses of all micro-batches and
-ranks add up to the per-target mean over the global batch. The engine's `backward` contract is that it
-accumulates the gradient of that *sum* over micro-batches and ranks (it undoes DeepSpeed's own
-averaging), so the update is exactly that of one big batch, whatever the split.
+forward, which combines its summed per-target losses with `normalised_loss`: each term divided by its
+total over the whole step. The losses of all micro-batches and ranks then add up to the per-target mean
+over the global batch. The engine's `backward` contract is that it accumulates the gradient of that
+*sum* over micro-batches and ranks (it undoes DeepSpeed's own averaging), so the update is exactly that
+of one big batch, whatever the split.
+
+**Reports.** `report` values are tensors that are summed over micro-batches, ranks and evaluation
+batches, so every rank must report the same keys with the same shapes for every batch (an empty batch
+reports zeros), and the trainer all-reduces them in one collective.
 """
 
 from __future__ import annotations
@@ -108,7 +113,11 @@ class Task(nn.Module):
     # ------------------------------------------------------------------ the step
 
     def train_step(self, micro_batches: list[dict], engine) -> dict:
-        """One optimizer step over this rank's micro-batches; returns the report summed over them."""
+        """One optimizer step over this rank's micro-batches; returns the report summed over them.
+
+        An override must call `engine.backward` and `engine.step` the same number of times on every
+        rank (DeepSpeed updates at the accumulation boundary) and return summable values.
+        """
         counts: dict[str, float] = {}
         for mb in micro_batches:
             accumulate(counts, self.count_targets(mb))
@@ -120,7 +129,6 @@ class Task(nn.Module):
             engine.backward(loss)
             engine.step()  # DeepSpeed updates only at the accumulation boundary
             accumulate(summed, as_numbers(report))
-            accumulate(summed, throughput(mb))
         return summed
 
     # ------------------------------------------------------------------ evaluation
@@ -141,12 +149,29 @@ class Task(nn.Module):
             batch = to_device(split.collate(split.data.rows(rows, split.columns), EVAL_EPOCH), engine.device)
             local = {k: float(v) for k, v in self.count_targets(batch).items()}
             _, report = engine(batch, local)
-            if not is_padding:
-                accumulate(sums, as_numbers(report))
+            values = as_numbers(report)
+            if is_padding:  # counted as zeros, so every rank joins the all-reduce with the same keys
+                values = {k: v * 0.0 for k, v in values.items()}
+            accumulate(sums, values)
         return self.summarize(dist.all_reduce_dict(sums, engine.device))
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def normalised_loss(start: torch.Tensor | None, loss_sums: dict[str, torch.Tensor], weights: dict[str, float],
+                    totals: dict[str, float]) -> torch.Tensor:  # fmt: skip
+    """The loss of one micro-batch: `start + sum over terms of weight x summed loss / targets in the step`.
+
+    `totals` are the term's targets over the whole optimizer step (all micro-batches and ranks, from
+    `count_targets`); a term no sample of the step has adds its empty sum (0) and keeps its parameters
+    in the graph. `start` (e.g. a graph-connected zero) may be None.
+    """
+    loss = start
+    for name, loss_sum in loss_sums.items():
+        term = weights.get(name, 1.0) * loss_sum / max(totals.get(name, 0), 1)
+        loss = term if loss is None else loss + term
+    return loss
 
 
 def accumulate(into: dict, values: dict) -> None:
@@ -157,14 +182,6 @@ def accumulate(into: dict, values: dict) -> None:
 def as_numbers(report: dict[str, torch.Tensor]) -> dict:
     """A report as Python floats (scalars) and float64 numpy arrays (per-label vectors)."""
     return {k: v.item() if v.ndim == 0 else v.detach().cpu().numpy().astype(np.float64) for k, v in report.items()}
-
-
-def throughput(batch: dict) -> dict[str, float]:
-    """Samples (and tokens, where the batch counts them) of one micro-batch, for the throughput log."""
-    out = {"samples": float(len(batch["sample_ids"]))}
-    if "num_tokens" in batch:
-        out["tokens"] = float(batch["num_tokens"])
-    return out
 
 
 def to_device(batch: dict, device) -> dict:

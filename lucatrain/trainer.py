@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lucatrain import checkpoint, dist
-from lucatrain.checkpoint import EXPORT_INFO, maybe_fault, read_valid_manifest
-from lucatrain.config import Config, ConfigError
+from lucatrain.checkpoint import EXPORT_INFO, maybe_fault, read_checkpoint_state, read_valid_manifest
+from lucatrain.config import Config
 from lucatrain.data.batching import BatchSpec, padded_lengths, plan_epoch, rank_micro_batches
 from lucatrain.data.prepared import PreparedDataset, load_prepared, prepare_or_load
 from lucatrain.engine import Engine, convert_to_universal, init_distributed, peak_memory_bytes
@@ -29,7 +29,7 @@ from lucatrain.engine import shutdown as engine_shutdown
 from lucatrain.families import get_family
 from lucatrain.monitor import Monitor, setup_logging
 from lucatrain.progress import Ledger
-from lucatrain.state import read_state, write_state
+from lucatrain.state import write_state
 from lucatrain.task import Split, accumulate
 
 PRIMARY_SPLIT = "dev"  # `data.dev_files`, logged as eval/<metric>; named splits log as eval/<name>/<metric>
@@ -87,10 +87,7 @@ def load_data(files: list[str], cfg: Config, recipe) -> PreparedDataset:
 def dev_inputs(cfg: Config) -> dict[str, list[str]]:
     """Dev split name -> input files: `data.dev_files` as 'dev', then `data.dev_splits` by name."""
     splits = {PRIMARY_SPLIT: cfg.data.dev_files} if cfg.data.dev_files else {}
-    for name, files in cfg.data.dev_splits.items():
-        if name in splits:
-            raise ConfigError(f"`data.dev_splits.{name}`: the name {name!r} is taken by `data.dev_files`; choose another")
-        splits[name] = files
+    splits.update(cfg.data.dev_splits)  # names checked by DataConfig.validate
     return splits
 
 
@@ -121,10 +118,16 @@ class Trainer:
         self.dev_data = {name: load_data(files, cfg, recipe) for name, files in dev_inputs(cfg).items()}
         self.family.setup(self.train_data, self.dev_data)
         self.resume_from = self.find_resume_checkpoint() if cfg.train.trained_checkpoint else None
+        if self.resume_from is not None:  # refuse an incompatible checkpoint before building anything
+            self.resume_state = read_checkpoint_state(self.resume_from)
+            self.check_resume(self.resume_from, self.resume_state)
         self.task = self.family.build_task(self.resume_from)
         self.metrics = self.task.metrics()
         self.best_split, self.best_key = self.resolve_best_metric(cfg.train.best_metric)
         self.callbacks = self.family.callbacks(self.task)
+        names = [callback.name for callback in self.callbacks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"family {self.family.name}: callbacks need distinct names (their checkpoint state is keyed by them), got {names}")
         written_by = read_valid_manifest(self.resume_from)["world_size"] if self.resume_from else dist.world_size()
         self.engine = Engine(self.task, cfg, load_universal=written_by != dist.world_size(),
                              after_step=[callback.after_step for callback in self.callbacks])  # fmt: skip
@@ -147,6 +150,7 @@ class Trainer:
             sort_pool_size=cfg.data.bucket_size * self.world_size * self.accumulation * max(1, cfg.train.batch_size),
         )
         self.global_step = 0
+        self.last_evaluated = -1
         self.best_metric: float | None = None
         self.ledger = Ledger()
         self.history: list[dict] = []  # every logged window of this process, for tests and plots
@@ -193,6 +197,7 @@ class Trainer:
         """
         key = {"seed": self.cfg.train.seed, "fingerprint": self.train_data.fingerprint, **self.spec.order_key(),
                **self.family.order_key()}  # fmt: skip
+        key = json.loads(json.dumps(key))  # as the checkpoint stores it (tuples become lists), so the two compare
         ledger = self.ledger
         resuming = ledger.epoch == epoch and ledger.cursor > 0
         if not resuming:
@@ -251,7 +256,7 @@ class Trainer:
         total = int(min(cfg.max_steps or math.inf, by_epochs))
         monitor = Monitor(self.run_dir, total, self.cfg.logger.tensorboard, cfg.progress_bar and dist.is_main(), self.global_step)
         window: dict[str, float] = {}
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_samples, window_tokens = time.perf_counter(), 0, 0, 0
         self.engine.train()
         for epoch, batch, position, micro_batches in self.steps():
             if self.global_step >= total:
@@ -264,6 +269,7 @@ class Trainer:
             step_tokens = int(padded_lengths(self.train_data.lengths[batch], self.cfg.data.max_length).sum())
             self.ledger.record_step(self.global_step, epoch, position, position + len(batch),
                                     self.train_data.sample_ids[batch], step_tokens)  # fmt: skip
+            window_samples, window_tokens = window_samples + len(batch), window_tokens + step_tokens
             maybe_fault("step", self.global_step)
             stop = self.global_step >= total
 
@@ -272,9 +278,8 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 scalars = self.task.summarize(summed)
                 scalars["lr"] = self.engine.lr()
-                if "tokens" in summed:
-                    scalars["tokens_per_s"] = summed["tokens"] / elapsed
-                scalars["samples_per_s"] = summed["samples"] / elapsed
+                scalars["tokens_per_s"] = window_tokens / elapsed  # tokens: the `length` column, as batching counts them
+                scalars["samples_per_s"] = window_samples / elapsed
                 if self.global_step % cfg.logging_steps == 0 or self.global_step == total:
                     norm = self.engine.grad_norm()
                     if norm is not None:
@@ -282,20 +287,22 @@ class Trainer:
                     scalars["peak_memory_mb"] = peak_memory_bytes() / 2**20
                     scalars["epoch"] = epoch
                 monitor.scalars(self.global_step, scalars, prefix="train/")
-                shown = {"loss": scalars["loss"], "lr": scalars["lr"]}
-                shown.update({"tok/s": scalars["tokens_per_s"]} if "tokens_per_s" in scalars else {"samples/s": scalars["samples_per_s"]})
+                shown = {"loss": scalars.get("loss", math.nan), "lr": scalars["lr"], "tok/s": scalars["tokens_per_s"]}
                 monitor.advance(window_steps, shown)
                 self.log_history({"step": self.global_step, **scalars})
-                window, window_start, window_steps = {}, time.perf_counter(), 0
+                window, window_start, window_steps, window_samples, window_tokens = {}, time.perf_counter(), 0, 0, 0
 
             if cfg.eval_steps and self.global_step % cfg.eval_steps == 0 and self.global_step != total:
-                self.evaluate_and_export_best(monitor)
+                if self.evaluate_and_export_best(monitor):
+                    self.logger.info("a callback stopped training after the evaluation at step %d", self.global_step)
+                    break
             if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step != total:
                 self.save_checkpoint()
             if stop:
                 break
 
-        self.evaluate_and_export_best(monitor)
+        if self.last_evaluated != self.global_step:
+            self.evaluate_and_export_best(monitor)
         self.save_checkpoint()
         self.export(self.run_dir / "last")
         monitor.close()
@@ -324,10 +331,12 @@ class Trainer:
             return {}
         return self.task.evaluate(self.dev_splits, self.engine)
 
-    def evaluate_and_export_best(self, monitor: Monitor) -> None:
+    def evaluate_and_export_best(self, monitor: Monitor) -> bool:
+        """Evaluate, log, update best/; True when a callback asks to stop (e.g. early stopping)."""
         results = self.evaluate()
+        self.last_evaluated = self.global_step
         if not results:
-            return
+            return False
         logged = {}
         for name, metrics in results.items():
             prefix = "eval/" if name == PRIMARY_SPLIT else f"eval/{name}/"
@@ -338,10 +347,12 @@ class Trainer:
         value = results.get(self.best_split, {}).get(self.best_key)
         if value is None:  # a valid name (checked at start) whose task had no dev targets
             self.logger.warning("the dev set gave no %s at step %d; best/ is not updated", key, self.global_step)
-            return
-        if self.metrics[self.best_key].better(value, self.best_metric):
+        elif self.metrics[self.best_key].better(value, self.best_metric):
             self.best_metric = value
             self.export(self.run_dir / "best", extra={"step": self.global_step, key: value})
+        # Every callback sees every evaluation (no short-circuit), and all ranks decide alike.
+        stops = [callback.after_evaluate(results) for callback in self.callbacks]
+        return any(stops)
 
     # ------------------------------------------------------------------ saving
 
@@ -381,6 +392,7 @@ class Trainer:
             "trainer": {
                 "global_step": self.global_step,
                 "best_metric": self.best_metric,
+                "best_metric_name": self.cfg.train.best_metric,
                 "world_size": self.world_size,
                 "family": self.family.name,
                 "train_data": str(self.train_data.path),
@@ -396,19 +408,27 @@ class Trainer:
         trainer = state["trainer"]
         self.global_step = trainer["global_step"]
         self.best_metric = trainer["best_metric"]
+        if trainer.get("best_metric_name", self.cfg.train.best_metric) != self.cfg.train.best_metric:
+            # best/ so far was chosen by another metric: its value says nothing about this one.
+            self.logger.warning("train.best_metric changed (%s -> %s): best/ is chosen anew from the next evaluation",
+                                trainer.get("best_metric_name"), self.cfg.train.best_metric)  # fmt: skip
+            self.best_metric = None
         self.task.load_run_state(state.get("task", {}))
         saved_callbacks = state.get("callbacks", {})
         for callback in self.callbacks:
             callback.load_state_dict(saved_callbacks.get(callback.name, {}))
         self.ledger = Ledger.from_state_dict(state["ledger"], where)
 
-    def restore(self, path: Path, written_by: int) -> None:
-        """Model, optimizer, scheduler, counters, ledger and RNG from a committed checkpoint."""
-        state = read_state(path / "state")
+    def check_resume(self, path: Path, state: dict) -> None:
+        """The checkpoint was written by this family, and the family accepts it for this run."""
         family = state["trainer"].get("family")
         if family != self.family.name:
             raise ValueError(f"{path} was written by a {family} run; this run is {self.family.name} (`model.model_type`)")
         self.family.check_resume(state["family"], path)
+
+    def restore(self, path: Path, written_by: int) -> None:
+        """Model, optimizer, scheduler, counters, ledger and RNG from a committed checkpoint."""
+        state = self.resume_state
         load_dir = path
         if written_by != self.world_size:
             # ZeRO shards are cut per rank: convert to DeepSpeed's universal form, then load that.
@@ -419,7 +439,7 @@ class Trainer:
                 convert_to_universal(path, DS_TAG, load_dir)
             dist.barrier()
         self.engine.load(load_dir, DS_TAG)
-        self.load_state_dict(state, str(path / "state"))
+        self.load_state_dict(state, str(path))
         rng = path / "rng" / f"rank{self.rank}.npz"
         if written_by == self.world_size and rng.exists():
             checkpoint.load_rng_state(rng)

@@ -123,6 +123,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def state_array_file(state_dir: Path, *keys: str) -> Path:
+    """The .npy file that holds the array at `keys` of a checkpoint's state (lucatrain.state)."""
+    import json
+
+    node = json.loads((state_dir / "state.json").read_text())
+    for key in keys:
+        node = node[key]
+    return state_dir / node["__array__"]
+
+
 def read_history(run: Path) -> list[dict]:
     import json
 

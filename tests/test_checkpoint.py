@@ -10,6 +10,7 @@ import torch
 from lucatrain import checkpoint
 from lucatrain.progress import Ledger, audit
 from lucatrain.state import read_state, write_state
+from conftest import state_array_file
 
 
 def fake_checkpoint(root, step, keep_last=0):
@@ -79,17 +80,23 @@ def test_ledger_round_trip_step_ids_and_audit(tmp_path):
     assert report[1]["duplicates"] == [14] and report[1]["never_seen"] == 5
     # A torn ledger (epoch 0's ids replaced by epoch 1's) no longer adds up and is refused.
     state_dir = tmp_path / "state"
-    (state_dir / "ledger.epochs.0.ids.npy").write_bytes((state_dir / "ledger.epochs.1.ids.npy").read_bytes())
-    with pytest.raises(ValueError, match="steps consumed 7 samples but it holds 4 ids"):
+    first, second = (state_array_file(state_dir, "ledger", "epochs", e, "ids") for e in ("0", "1"))
+    first.write_bytes(second.read_bytes())
+    with pytest.raises(ValueError, match="in epoch 0 the ledger's steps consumed 5 samples but it holds 2 ids"):
         Ledger.from_checkpoint(tmp_path)
 
 
 def test_state_round_trip_keeps_nested_values_and_arrays(tmp_path):
     state = {"trainer": {"global_step": 7, "best_metric": None, "names": ["a", "b"]},
-             "ledger": {"epochs": {"0": {"ids": np.arange(5, dtype=np.int64)}}}, "empty": {}}  # fmt: skip
+             "ledger": {"epochs": {"0": {"ids": np.arange(5, dtype=np.int64)}}}, "empty": {},
+             "task": {"gene_mask/tp": np.ones(3), "a.b": np.zeros(2), "a": {"b": np.full(2, 7.0)}}}  # fmt: skip
     write_state(tmp_path, state)
     again = read_state(tmp_path)
     np.testing.assert_array_equal(again["ledger"]["epochs"]["0"]["ids"], np.arange(5))
+    # Keys with '/' or '.' are fine, and "a.b" and a -> b are two arrays, not one file twice.
+    np.testing.assert_array_equal(again["task"]["gene_mask/tp"], np.ones(3))
+    np.testing.assert_array_equal(again["task"]["a.b"], np.zeros(2))
+    np.testing.assert_array_equal(again["task"]["a"]["b"], np.full(2, 7.0))
     assert again["trainer"] == state["trainer"] and again["empty"] == {}
     assert "__array__" in (tmp_path / "state.json").read_text()  # arrays live beside the JSON, not in it
     with pytest.raises(TypeError, match="must be a string"):

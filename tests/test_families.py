@@ -1,6 +1,7 @@
 """The family seam: the registry, the trainer's independence from any family, and callback state in checkpoints."""
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,63 @@ def test_callback_state_goes_through_the_checkpoint_and_comes_back(tmp_path, cou
     other = {**more, "model.model_type": "seq_finetune"}
     with pytest.raises(ValueError, match="was written by a counting_finetune run; this run is seq_finetune"):
         Trainer(load_config(None, finetune_overrides(tmp_path, encoder, **other)))
+
+
+class StopAtFirstEvaluation(StepCallback):
+    """Early stopping at its simplest: the first evaluation ends the run."""
+
+    name = "early_stop"
+
+    def __init__(self):
+        self.evaluations = 0
+
+    def after_evaluate(self, results) -> bool:
+        self.evaluations += 1
+        return "dev" in results
+
+    def state_dict(self) -> dict:
+        return {"evaluations": self.evaluations}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluations = state["evaluations"]
+
+
+def test_a_callback_can_stop_training_after_an_evaluation(tmp_path):
+    class EarlyStopping(SeqFinetuneFamily):
+        name = "early_stopping_finetune"
+
+        def callbacks(self, task):
+            return [StopAtFirstEvaluation()]
+
+    register_family(EarlyStopping)
+    try:
+        encoder = pretrained_encoder(tmp_path / "encoder")
+        overrides = finetune_overrides(tmp_path, encoder, **{"model.model_type": "early_stopping_finetune", "train.max_steps": 20,
+                                                             "train.eval_steps": 5})  # fmt: skip
+        trainer = Trainer(load_config(None, overrides))
+        result = trainer.train()
+        assert result["global_step"] == 5
+        assert [h["step"] for h in result["history"] if "eval/loss" in h] == [5]  # evaluated once, not again at the end
+        run = tmp_path / "run"
+        assert (run / "checkpoints" / "latest").read_text() == "step-000005"
+        state = read_state(run / "checkpoints" / "step-000005" / "state")
+        assert state["callbacks"] == {"early_stop": {"evaluations": 1}}
+        assert json.loads((run / "last" / "trainer_state.json").read_text())["global_step"] == 5
+    finally:
+        del FAMILIES["early_stopping_finetune"]
+
+
+def test_callbacks_need_distinct_names(tmp_path):
+    class TwoCounters(SeqFinetuneFamily):
+        name = "two_counters"
+
+        def callbacks(self, task):
+            return [StepCounter(), StepCounter()]
+
+    register_family(TwoCounters)
+    try:
+        encoder = pretrained_encoder(tmp_path / "encoder")
+        with pytest.raises(ValueError, match=r"callbacks need distinct names .* got \['step_counter', 'step_counter'\]"):
+            Trainer(load_config(None, finetune_overrides(tmp_path, encoder, **{"model.model_type": "two_counters"})))
+    finally:
+        del FAMILIES["two_counters"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import LUCAONE_DEV, kill_step, launch, read_history, tiny_overrides
+from conftest import LUCAONE_DEV, kill_step, launch, read_history, state_array_file, tiny_overrides
 from lucatrain.checkpoint import read_valid_manifest
 from lucatrain.progress import Ledger
 
@@ -182,7 +182,7 @@ def test_audit_reports_and_detects_a_duplicated_id(tmp_path, uninterrupted):
 
     run = tmp_path / "run"
     shutil.copytree(uninterrupted / "checkpoints", run / "checkpoints")
-    ids_path = run / "checkpoints" / "step-000012" / "state" / "ledger.epochs.0.ids.npy"
+    ids_path = state_array_file(run / "checkpoints" / "step-000012" / "state", "ledger", "epochs", "0", "ids")
     ids = np.load(ids_path)
     ids[5] = ids[4]  # same file size: the manifest still holds, the ledger now lies
     np.save(ids_path, ids)

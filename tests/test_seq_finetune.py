@@ -5,6 +5,7 @@ and for regression the GC fraction of those same real sequences (a label compute
 """
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -95,6 +96,11 @@ def test_finetune_trains_evaluates_exports_through_the_generic_loop(tmp_path):
         tmp_path, encoder, **{"data.dev_splits": f"{{test: [{RRNA / 'test'}]}}", "train.best_metric": "test/acc",
                               "train.max_steps": 60, "train.eval_steps": 30}))
     trainer = Trainer(cfg)
+    # The collator crosses into DataLoader workers (spawn pickles it): it must survive a round trip.
+    rows = trainer.train_data.rows([0, 1, 2], trainer.columns)
+    again = pickle.loads(pickle.dumps(trainer.collator))
+    for key, value in trainer.collator(rows, 0).items():
+        torch.testing.assert_close(again(rows, 0)[key], value, rtol=0, atol=0)
     result = trainer.train()
     history = result["history"]
     evals = [h for h in history if "eval/loss" in h]
@@ -163,11 +169,50 @@ def test_resume_refuses_a_checkpoint_with_another_head(tmp_path):
         Trainer(load_config(None, mean))
 
 
+def test_prepare_verb_for_the_family_and_a_prepared_dataset_of_other_labels_is_refused(tmp_path):
+    """`lucatrain prepare --set model.model_type=seq_finetune` checks labels as training would; a dataset
+    prepared with one label file is not silently read with another (its indices would mean other classes)."""
+    prepared = tmp_path / "prepared"
+    assert cli_main(["prepare", str(RRNA / "train"), "--out", str(prepared), "--set", "model.model_type=seq_finetune"]) == 0
+    encoder = pretrained_encoder(tmp_path / "encoder")
+    ok = finetune_overrides(tmp_path, encoder, **{"data.train_files": f"[{prepared}]", "train.max_steps": 2, "train.eval_steps": 0,
+                                                  "finetune.label_file": RRNA / "label.txt"})  # fmt: skip
+    assert Trainer(load_config(None, ok)).train()["global_step"] == 2
+    renamed = tmp_path / "label.txt"
+    renamed.write_text("label\n18S\n16S\n28S\n")  # the same names in another order: every index means another class
+    other = finetune_overrides(tmp_path / "other", encoder, **{"data.train_files": f"[{prepared}]", "finetune.label_file": renamed})
+    with pytest.raises(ValueError, match=r"prepared by the seq_finetune recipe with .*'16S', '18S'.*this run needs .*'18S', '16S'"):
+        Trainer(load_config(None, other))
+
+
+def test_frozen_encoder_under_zero3_exports_its_loaded_weights(tmp_path):
+    """Linear probing under ZeRO-3: the frozen encoder has no fp32 master and is partitioned; the export
+    must still hold it whole (the weights it was loaded with), and the head must have trained."""
+    from lucatrain.export import HEADS_WEIGHTS
+
+    encoder = pretrained_encoder(tmp_path / "encoder")
+    overrides = finetune_overrides(tmp_path, encoder, **{"deepspeed.config": "zero3", "finetune.freeze_encoder": "true",
+                                                         "train.max_steps": 5, "train.eval_steps": 0})  # fmt: skip
+    trainer = Trainer(load_config(None, overrides))
+    head_before = {k: v.clone() for k, v in trainer.engine.full_state_dict(trainer.task.heads).items()}
+    trainer.train()
+    exported, loaded = load_file(tmp_path / "run" / "last" / "model.safetensors"), load_file(encoder / "model.safetensors")
+    assert set(exported) == set(loaded)
+    for key in loaded:
+        np.testing.assert_array_equal(exported[key], loaded[key], err_msg=key)
+    heads = load_file(tmp_path / "run" / "last" / HEADS_WEIGHTS)
+    moved = max(np.abs(heads[f"label.{k}"] - head_before[f"label.{k}"].numpy()).max() for k in ("hidden_layer.weight", "classifier.weight"))
+    assert moved > 1e-4
+
+
 @pytest.mark.multiprocess
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path):
     encoder = pretrained_encoder(tmp_path / "encoder")
-    common = {"train.max_steps": 10, "train.save_steps": 3, "train.eval_steps": 0, "train.batch_size": 4,
-              "train.loss_logging_steps": 1}  # fmt: skip
+    # A dev split of one record: on 2 ranks one of them evaluates only a padding batch (and must not hang).
+    tiny = tmp_path / "tiny.csv"
+    tiny.write_text("\n".join((RRNA / "dev" / "dev.csv").read_text().splitlines()[:2]) + "\n")
+    common = {"train.max_steps": 10, "train.save_steps": 3, "train.eval_steps": 5, "train.batch_size": 4,
+              "train.loss_logging_steps": 1, "data.dev_splits": f"{{tiny: [{tiny}]}}"}  # fmt: skip
     reference = tmp_path / "reference"
     launch(["train", *finetune_overrides(reference, encoder, **common)], nproc=2)
     at = kill_step(4, 9)
@@ -184,3 +229,5 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path):
     steps = [h["loss"] for h in read_history(reference / "run") if "lr" in h]
     resumed = [h["loss"] for h in read_history(killed / "run") if "lr" in h]
     assert resumed[-1] == steps[-1]
+    tiny_evals = [h for h in read_history(reference / "run") if "eval/tiny/loss" in h]
+    assert [h["step"] for h in tiny_evals] == [5, 10] and all(h["eval/tiny/acc"] in (0.0, 1.0) for h in tiny_evals)

@@ -166,3 +166,42 @@ def test_training_starts_from_a_lucaone_checkpoint(tmp_path):
     Trainer(smaller).train()
     log = (tmp_path / "run" / "logs" / "training.log").read_text()
     assert "initialised from LucaOne checkpoint" in log and "layers.2." in log
+
+
+def test_a_checkpoint_in_the_layout_before_families_still_resumes(tmp_path):
+    """Checkpoints written before lucatrain.state (trainer_state.json + ledger/) resume and give the same
+    weights as the run that wrote them continuing (1 process, fp32, no dropout: bitwise)."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from lucatrain import checkpoint
+    from lucatrain.state import read_state
+
+    common = {"train.max_steps": 6, "train.save_steps": 3, "train.save_total_limit": 0, "train.batch_size": 4}
+    Trainer(load_config("demo_tiny", tiny_overrides(tmp_path / "a", **common))).train()
+    root = tmp_path / "b" / "run" / "checkpoints"
+    shutil.copytree(tmp_path / "a" / "run" / "checkpoints" / "step-000003", root / "step-000003")
+    old = root / "step-000003"
+    state = read_state(old / "state")
+    ledger = state["ledger"]
+    (old / "ledger").mkdir()
+    np.save(old / "ledger" / "steps.npy", ledger["steps_table"])
+    for epoch, info in ledger["epochs"].items():
+        np.save(old / "ledger" / f"ids_epoch{epoch}.npy", info["ids"])
+    meta = {k: ledger[k] for k in ("version", "epoch", "cursor", "order_key", "samples_seen", "tokens_seen")}
+    meta["epochs"] = {e: {"samples": len(info["ids"]), "fingerprint": info["fingerprint"]} for e, info in ledger["epochs"].items()}
+    (old / "ledger" / "ledger.json").write_text(json.dumps(meta))
+    trainer_state = {k: state["trainer"][k] for k in ("global_step", "best_metric", "world_size", "train_data", "fingerprint")}
+    (old / "trainer_state.json").write_text(json.dumps({**trainer_state, **state["family"]}))
+    shutil.rmtree(old / "state")
+    (old / checkpoint.MANIFEST).unlink()
+    checkpoint.write_manifest(old, 3, {})
+    (root / "latest").write_text("step-000003")
+    resumed = Trainer(load_config("demo_tiny", tiny_overrides(tmp_path / "b", **common, **{"train.trained_checkpoint": "latest"})))
+    assert resumed.global_step == 3 and resumed.ledger.samples_seen == 12
+    resumed.train()
+    want, got = load_file(tmp_path / "a" / "run" / "last" / "model.safetensors"), load_file(tmp_path / "b" / "run" / "last" / "model.safetensors")
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)

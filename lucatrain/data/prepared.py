@@ -1,10 +1,13 @@
 """The prepared dataset: input files validated once and stored as one memory-mapped Arrow file.
 
-`prepare` reads every input record (see `sources`), applies the bad-record policy, gives each
-record a stable 63-bit `sample_id`, and writes
+`prepare` reads every input record (see `sources`), turns it into a row with the model family's
+recipe (`schema.PrepareRecipe`), applies the bad-record policy, gives each record a stable 63-bit
+`sample_id`, and writes
 
-    out_dir/data.arrow      Arrow IPC stream: sample_id, obj_id, obj_type, seq, labels, length
-    out_dir/meta.json       version, fingerprint, counts per file and per type, options, time
+    out_dir/data.arrow      Arrow IPC stream: sample_id, the recipe's columns (the base and LucaOne
+                            recipes: obj_id, obj_type, seq, labels), modality masks, length
+    out_dir/meta.json       version, fingerprint, recipe and its schema, counts per file and per
+                            type, options, the recipe's statistics, time
     out_dir/rejects.jsonl   only with bad_records="skip": one {"path","line","reason"} per line
 
 Records are streamed in batches, so preparing millions of records never holds them all as
@@ -38,15 +41,16 @@ from lucatrain.data.sources import (
     list_input_files,
 )
 
-PREPARED_VERSION = 2  # 2: labels checked against the task table, per-task stats in meta.json
+PREPARED_VERSION = 2  # 2: labels checked by the family's recipe (LucaOne: per-task stats in meta.json)
 BAD_RECORD_POLICIES = ("fail", "skip")
 
 DATA_FILE = "data.arrow"
 META_FILE = "meta.json"
 REJECTS_FILE = "rejects.jsonl"
 
-# A record batch is flushed at this many rows or this many sequence characters, whichever comes
-# first: the second bound keeps memory flat when sequences are long (whole viral genomes).
+# A record batch is flushed at this many rows or this many characters/bytes of text and blob columns,
+# whichever comes first: the second bound keeps memory flat when sequences are long (whole viral
+# genomes) or rows hold images.
 _BATCH_ROWS = 10_000
 _BATCH_CHARS = 64 * 2**20
 _HASH_CHUNK = 2**20  # 1 MiB reads when fingerprinting input files
@@ -126,6 +130,9 @@ class _BatchWriter:
         """Append one record; raises ValueError (from the recipe) for a record it cannot use."""
         row = self.recipe.row(record)
         length = self.recipe.length(record)
+        wanted = [c.name for c in self.recipe.schema.columns]
+        if sorted(row) != sorted(wanted):  # a recipe bug: say so before anything is appended
+            raise AssertionError(f"recipe {self.recipe.name} gave columns {sorted(row)}, its schema has {sorted(wanted)}")
         cols = self._columns
         cols["sample_id"].append(sample_id)
         for name, value in row.items():
@@ -134,7 +141,8 @@ class _BatchWriter:
             cols[f"{modality}_present"].append(row[modality] is not None)
         cols["length"].append(length)
         self._line_buffer.append(record.line)
-        self._chars += length
+        # Buffered bytes of text and blob columns (sequences, encoded images) bound a record batch's memory.
+        self._chars += sum(len(v) for v in row.values() if isinstance(v, (str, bytes)))
         self.residues += length
         if "obj_type" in row:
             self.type_counts[row["obj_type"]] += 1
@@ -216,6 +224,7 @@ def _write_records(files: list[Path], staging: Path, options: dict, recipe: Prep
         },
         "total_residues": writer.residues,
         "recipe": recipe.name,
+        "recipe_options": recipe.fingerprint_options(),
         "schema": recipe.schema.to_json(),
         **recipe.meta(),
     }
@@ -398,9 +407,12 @@ def prepare_or_load(inputs, cache_dir, recipe: PrepareRecipe = BASE_RECIPE, **op
     single = _single_path(inputs)
     if single is not None and is_prepared(single):
         data = load_prepared(single)
-        if data.recipe != recipe.name:
-            raise ValueError(f"{single} was prepared by the {data.recipe} recipe; this run needs {recipe.name}: "
-                             "pass the raw input files, or prepare them for this model family")  # fmt: skip
+        prepared_with = (data.recipe, data.meta.get("recipe_options", {}))
+        if prepared_with != (recipe.name, json.loads(json.dumps(recipe.fingerprint_options()))):
+            raise ValueError(
+                f"{single} was prepared by the {data.recipe} recipe with {prepared_with[1]}; this run needs {recipe.name} "
+                f"with {recipe.fingerprint_options()}: pass the raw input files, or prepare them for this run's settings"
+            )
         return data
     opts = _options(**options)
     files = list_input_files(inputs)

@@ -597,4 +597,3 @@ register_source(Source("swissprot", _iter_swissprot, (".dat", ".swiss", ".sp", "
                        sniff_extensions=(".txt",), sniff_hint="a .txt input must be a Swiss-Prot flat file starting with an 'ID   ' line"))  # fmt: skip
 register_source(Source("parquet", _iter_parquet, (".parquet",), gzip_ok=False))
 register_source(Source("jsonl", _iter_jsonl, (".jsonl", ".json")))
-FORMATS = formats()

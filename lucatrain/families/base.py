@@ -10,7 +10,7 @@ The trainer calls, in this order (one Family instance per run, on every rank):
     collate = family.collator()                  rows -> tensors, seeded by (seed, epoch, sample id)
     rows = family.trainable_rows(data)           which rows of a dataset this run uses
     ... the loop: task.train_step(micro_batches, engine), task.evaluate(splits, engine) ...
-    family.resume_state() / check_resume(saved)  what a checkpoint must agree on to be resumed
+    family.resume_state() / check_resume(saved, path)   what a checkpoint must agree on to be resumed
     family.export_info(task) / export(...)       what best/, last/ and `lucatrain export` write
 
 Everything has a default except `build_task`, `collator` and `export`.
@@ -18,6 +18,7 @@ Everything has a default except `build_task`, `collator` and `export`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -28,16 +29,23 @@ from lucatrain.data.prepared import BASE_RECIPE, PrepareRecipe
 
 
 class StepCallback:
-    """Runs after every optimizer step on every rank; its state goes into each checkpoint.
+    """Runs on every rank after every optimizer step and after every evaluation; its state goes into
+    each checkpoint (saved from rank 0, so it must be the same on every rank).
 
     `after_step` may change parameters through `engine.edit_parameter`, which keeps DeepSpeed's
-    fp32 master copy and the working copy in agreement under every ZeRO stage.
+    fp32 master copy and the working copy in agreement under every ZeRO stage. `after_evaluate`
+    returning True stops training (early stopping): the run then saves and exports as at its end.
+    `name` keys the state in the checkpoint, so each callback of a run needs its own.
     """
 
     name = "callback"
 
     def after_step(self, engine) -> None:
-        raise NotImplementedError
+        """Called after every optimizer update (not after every micro-batch)."""
+
+    def after_evaluate(self, results: dict[str, dict[str, float]]) -> bool:
+        """Called with every evaluation's metrics by split; True stops training."""
+        return False
 
     def state_dict(self) -> dict:
         return {}
@@ -51,8 +59,6 @@ class Family:
     name: str = ""
     config_sections: dict[str, type] = {}
     """Config sections this family reads (`cfg.<section>`), registered with the family."""
-    formats: tuple[str, ...] | None = None
-    """Input formats (`lucatrain.data.sources`) this family reads; None: every format of its recipe."""
 
     def __init__(self, cfg, logger):
         self.cfg = cfg
@@ -109,7 +115,7 @@ class Family:
     def check_resume(self, saved: dict, path: Path) -> None:
         """Raise ValueError, naming `path`, when this run cannot resume from a checkpoint whose
         `resume_state()` was `saved`."""
-        ours = self.resume_state()
+        ours = json.loads(json.dumps(self.resume_state()))  # as the checkpoint stores it, so the two compare
         differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
         if differ:
             theirs = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)

@@ -10,7 +10,8 @@ head on the pooled sequence vector:
     output = Linear(GELU(Linear(dropout(pooled)))) (B, K)          K = labels (multi_class) or 1
 
 Output modes (LucaOne's names): `multi_class` (cross-entropy over the classes of the label file),
-`binary_class` (one logit, BCE; labels 0/1 or the two names of the label file), `regression`
+`binary_class` (one logit, BCE; a label file of two names, the second the positive class; labels 0/1
+or those names), `regression`
 (`finetune.loss_type` l2, l1 or smooth_l1 on a number). Labels are checked when the data is
 prepared: an index outside the label file, a name not in it, or a value that is not a finite number
 stops `prepare` naming the file and line.
@@ -32,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from lucatrain import dist
+from lucatrain.checkpoint import EXPORT_INFO
 from lucatrain.config import ConfigError
 from lucatrain.data.collate import Collator
 from lucatrain.data.schema import Column, PrepareRecipe, Schema
@@ -39,12 +42,12 @@ from lucatrain.embed import POOLINGS, pool
 from lucatrain.export import HEADS_CONFIG, HEADS_WEIGHTS, split_task_state, write_export
 from lucatrain.families import register_family
 from lucatrain.families.base import Family
-from lucatrain.families.lucaone.family import build_model_with_report, lora_settings
-from lucatrain.families.lucaone.labels import read_label_file
-from lucatrain.families.lucaone.task import TaskHead
-from lucatrain.models.lora import apply_lora
+from lucatrain.families.lucaone.labels import read_label_file  # LucaOne's label-file format
+from lucatrain.models.encoder import build_model_with_report
+from lucatrain.models.heads import TaskHead
+from lucatrain.models.lora import apply_lora, lora_settings
 from lucatrain.models.lucagplm import CONFIG_NAME, LucaGPLM, LucaGPLMConfig
-from lucatrain.task import Metric, Task, higher_is_better, lower_is_better
+from lucatrain.task import Metric, Task, higher_is_better, lower_is_better, normalised_loss
 
 MULTI_CLASS, BINARY_CLASS, REGRESSION = "multi_class", "binary_class", "regression"
 OUTPUT_MODES = (MULTI_CLASS, BINARY_CLASS, REGRESSION)
@@ -141,6 +144,16 @@ class SeqLabelRecipe(PrepareRecipe):
         return {"output_mode": self.output_mode, "label_names": self.label_names}
 
 
+@dataclass(frozen=True)
+class TargetColumn:
+    """The Collator's label hook: the `label` column as the `target` tensor (picklable for DataLoader workers)."""
+
+    dtype: str
+
+    def __call__(self, rows: dict, n_residues, cuts, width: int) -> dict:
+        return {"target": np.asarray(rows["label"], dtype=self.dtype)}
+
+
 class SeqFinetuneTask(Task):
     """Encoder + pooling + one head; `loss = sum of per-sample losses / samples in the step`."""
 
@@ -184,7 +197,7 @@ class SeqFinetuneTask(Task):
             report["target_sum"] = target.float().sum()
             report["target_sq_sum"] = (target.float() ** 2).sum()
         report["loss_sum"] = loss_sum.detach()
-        return loss_sum / max(totals.get("samples", 0), 1), report
+        return normalised_loss(None, {"samples": loss_sum}, {}, totals), report
 
     def metrics(self) -> dict[str, Metric]:
         if self.output_mode == REGRESSION:
@@ -231,24 +244,21 @@ class SeqFinetuneFamily(Family):
         return ("sample_id", "obj_type", "seq", "label")
 
     def collator(self) -> Collator:
-        def target(rows, n_residues, cuts, width):
-            dtype = np.float32 if self.cfg.finetune.output_mode == REGRESSION else np.int64
-            return {"target": np.asarray(rows["label"], dtype=dtype)}
-
         cfg = self.cfg
+        target = TargetColumn("float32" if cfg.finetune.output_mode == REGRESSION else "int64")
         return Collator(cfg.data.max_length, cfg.data.truncation, masking=None, seed=cfg.train.seed, labels=target)
 
     def build_task(self, resume_from: Path | None = None) -> SeqFinetuneTask:
         cfg, ft = self.cfg, self.cfg.finetune
         if resume_from is not None:
             # The checkpoint's own encoder architecture (its weights come from the checkpoint).
-            info = json.loads((Path(resume_from) / "export.json").read_text())
+            info = json.loads((Path(resume_from) / EXPORT_INFO).read_text())
             model = LucaGPLM(LucaGPLMConfig(**{**info["encoder_config"], "gradient_checkpointing": cfg.model.gradient_checkpointing}))
         else:
             model, report = build_model_with_report(cfg)
             if report is not None:
                 self.logger.info("encoder from LucaOne checkpoint: %s", report.summary())
-            if not cfg.model.model_dirpath:
+            if not cfg.model.model_dirpath and dist.is_main():
                 self.logger.warning("model.model_dirpath is empty: fine-tuning an encoder initialised at random")
         self.encoder_config = model.config
         self.num_params = model.num_parameters()
@@ -279,7 +289,11 @@ class SeqFinetuneFamily(Family):
     def export(cls, directory: Path, state: dict, info: dict, with_heads: bool = True) -> None:
         """The encoder (transformers-loadable, as every lucatrain export) + heads.safetensors/heads.json."""
         encoder, head = split_task_state(state, info.get("lora"))
-        write_export(directory, LucaGPLMConfig(**info["encoder_config"]), encoder, head, info["heads"])
+        config = LucaGPLMConfig(**info["encoder_config"])
+        if with_heads:
+            write_export(directory, config, encoder, head, info["heads"])
+        else:
+            write_export(directory, config, encoder)
 
 
 def load_finetuned(directory) -> SeqFinetuneTask:

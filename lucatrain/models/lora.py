@@ -25,6 +25,12 @@ def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modu
     return inject_adapter_in_model(config, model, adapter_name=ADAPTER)
 
 
+def lora_settings(cfg) -> dict:
+    """The LoRA settings an export needs to merge the adapters (`merge_lora_state_dict`)."""
+    lora = cfg.lora
+    return {"enabled": lora.enabled, "r": lora.r, "alpha": lora.alpha}
+
+
 def merge_lora_state_dict(state: dict[str, torch.Tensor], r: int, alpha: int) -> dict[str, torch.Tensor]:
     """A peft-injected state dict -> the plain model's state dict with adapters folded in."""
     scale = alpha / r

@@ -8,7 +8,8 @@ trainer.
 
 from lucatrain.families.lucaone.specs import LEVELS, TASK_NAMES, TASKS, select_tasks
 from lucatrain.families.lucaone.task import PretrainTask, metrics_from_sums
-from lucatrain.families.lucaone.family import LUCAONE_RECIPE, LucaOneFamily, build_model, build_task
+from lucatrain.families.lucaone.family import LUCAONE_RECIPE, LucaOneFamily, build_task
+from lucatrain.models.encoder import build_model
 
 __all__ = ["LEVELS", "LUCAONE_RECIPE", "TASKS", "TASK_NAMES", "LucaOneFamily", "PretrainTask", "build_model", "build_task",
            "metrics_from_sums", "select_tasks"]

@@ -28,18 +28,14 @@ from lucatrain.export import split_task_state, write_export
 from lucatrain.families import register_family
 from lucatrain.families.base import Family
 from lucatrain.families.lucaone.config import TasksConfig
-from lucatrain.families.lucaone.labels import LabelStats, check_labels, encode_labels
+from lucatrain.families.lucaone.labels import LabelStats, TaskLabelEncoder, check_labels
 from lucatrain.families.lucaone.plan import TaskPlan, plan_tasks
 from lucatrain.families.lucaone.specs import TASK_NAMES, TASKS
 from lucatrain.families.lucaone.task import PretrainTask
-from lucatrain.models.lora import apply_lora
-from lucatrain.models.lucagplm import LucaGPLM, LucaGPLMConfig
-from lucatrain.models.lucaone_checkpoint import (
-    LoadReport,
-    is_lucaone_checkpoint,
-    load_lucaone_heads,
-    model_from_lucaone_checkpoint,
-)
+from lucatrain.models.encoder import build_model_with_report
+from lucatrain.models.lora import apply_lora, lora_settings
+from lucatrain.models.lucagplm import LucaGPLMConfig
+from lucatrain.models.lucaone_checkpoint import load_lucaone_heads
 
 
 class LucaOneRecipe(PrepareRecipe):
@@ -68,41 +64,6 @@ class LucaOneRecipe(PrepareRecipe):
 LUCAONE_RECIPE = LucaOneRecipe()
 
 
-def build_model(cfg) -> LucaGPLM:
-    """A fresh encoder from the config, or the weights exported at `model.model_dirpath`."""
-    return build_model_with_report(cfg)[0]
-
-
-def build_model_with_report(cfg) -> tuple[LucaGPLM, LoadReport | None]:
-    """`build_model`, plus the LoadReport when the weights came from a LucaOne checkpoint (its task
-    heads wait there for `load_lucaone_heads`)."""
-    m = cfg.model
-    if m.model_dirpath and not cfg.train.trained_checkpoint:  # resuming: the checkpoint has the weights
-        if is_lucaone_checkpoint(m.model_dirpath):
-            model, report = model_from_lucaone_checkpoint(
-                m.model_dirpath,
-                first_n_layers=m.init_first_n_layers,
-                gradient_checkpointing=m.gradient_checkpointing,
-                hidden_dropout_prob=m.hidden_dropout_prob,
-                attention_probs_dropout_prob=m.attention_probs_dropout_prob,
-                **({"num_hidden_layers": m.num_hidden_layers} if m.init_first_n_layers else {}),
-            )
-            return model, report
-        return LucaGPLM.from_pretrained(m.model_dirpath, gradient_checkpointing=m.gradient_checkpointing), None
-    config = LucaGPLMConfig(
-        hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_hidden_layers,
-        num_attention_heads=m.num_attention_heads,
-        intermediate_size=m.intermediate_size or 4 * m.hidden_size,
-        max_position_embeddings=m.max_position_embeddings,
-        hidden_dropout_prob=m.hidden_dropout_prob,
-        attention_probs_dropout_prob=m.attention_probs_dropout_prob,
-        token_dropout=m.token_dropout,
-        gradient_checkpointing=m.gradient_checkpointing,
-    )
-    return LucaGPLM(config), None
-
-
 def build_task(model, task_names, weights=None, num_labels=None, classifier_sizes=None, classifier_dropout=0.0,
                output_modes=None, loss_types=None) -> PretrainTask:  # fmt: skip
     """The Task module training `task_names` on `model` (heads sized by `num_labels`)."""
@@ -110,11 +71,6 @@ def build_task(model, task_names, weights=None, num_labels=None, classifier_size
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; valid tasks are {list(TASK_NAMES)}")
     return PretrainTask(model, task_names, weights, num_labels, classifier_sizes, classifier_dropout, output_modes, loss_types)
-
-
-def lora_settings(cfg) -> dict:
-    lora = cfg.lora
-    return {"enabled": lora.enabled, "r": lora.r, "alpha": lora.alpha}
 
 
 @register_family
@@ -135,7 +91,11 @@ class LucaOneFamily(Family):
         """The tasks this run trains (`tasks.plan`), checked against the label files and the data."""
         cfg, logger = self.cfg, self.logger
         stats = LabelStats(train_data.meta.get("labels"))
-        dev_stats = LabelStats(_merged_label_stats(dev_data)) if dev_data else None
+        dev_stats = None
+        if dev_data:
+            dev_stats = LabelStats()
+            for data in dev_data.values():
+                dev_stats.merge(LabelStats(data.meta.get("labels")))
         self.plan: TaskPlan = plan_tasks(cfg.tasks.selected(), cfg.tasks.label_dir, cfg.data.train_files, stats, dev_stats,
                                          cfg.tasks.output_modes)  # fmt: skip
         plan = self.plan
@@ -162,11 +122,8 @@ class LucaOneFamily(Family):
         cfg, plan = self.cfg, self.plan
         masking = MaskingConfig(cfg.tasks.mask_prob, cfg.tasks.mask_token_prob, cfg.tasks.random_token_prob)
         label_tasks = tuple(plan.label_tasks)
-
-        def labels(rows, n_residues, cuts, width):
-            return encode_labels(rows["labels"], label_tasks, plan.num_labels, n_residues, cuts, width, plan.output_modes)
-
-        return Collator(cfg.data.max_length, cfg.data.truncation, masking, cfg.train.seed, labels if label_tasks else None)
+        labels = TaskLabelEncoder(label_tasks, dict(plan.num_labels), dict(plan.output_modes)) if label_tasks else None
+        return Collator(cfg.data.max_length, cfg.data.truncation, masking, cfg.train.seed, labels)
 
     def build_task(self, resume_from: Path | None = None) -> PretrainTask:
         cfg, plan = self.cfg, self.plan
@@ -192,7 +149,7 @@ class LucaOneFamily(Family):
         return {"tasks": plan.names, "num_labels": plan.num_labels, "output_modes": plan.output_modes}
 
     def check_resume(self, saved: dict, path: Path) -> None:
-        ours = self.resume_state()
+        ours = json.loads(json.dumps(self.resume_state()))  # as the checkpoint stores it, so the two compare
         trained = {k: saved.get(k, v) for k, v in ours.items()}
         if trained != ours:
             raise ValueError(
@@ -228,14 +185,3 @@ class LucaOneFamily(Family):
         else:
             write_export(directory, config, encoder)
 
-
-def _merged_label_stats(dev_data: dict) -> dict:
-    """Label statistics over every dev split (their maxima are checked against the label files)."""
-    merged = LabelStats()
-    for data in dev_data.values():
-        for name, entry in (data.meta.get("labels") or {}).items():
-            own = merged.stats.setdefault(name, {"records": 0, "lists": 0, "max_index": -1})
-            own["records"] += entry["records"]
-            own["lists"] += entry["lists"]
-            own["max_index"] = max(own["max_index"], entry["max_index"])
-    return merged.to_json()

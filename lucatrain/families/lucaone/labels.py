@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,14 @@ class LabelStats:
     def __init__(self, stats: dict | None = None):
         self.stats: dict[str, dict[str, int]] = {k: dict(v) for k, v in (stats or {}).items()}
 
+    def merge(self, other: "LabelStats") -> None:
+        """Add another dataset's statistics (e.g. every dev split's, checked together)."""
+        for name, entry in other.stats.items():
+            own = self.stats.setdefault(name, {"records": 0, "lists": 0, "max_index": -1})
+            own["records"] += entry["records"]
+            own["lists"] += entry["lists"]
+            own["max_index"] = max(own["max_index"], entry["max_index"])
+
     def add(self, found: dict[str, tuple[int, bool]]) -> None:
         for name, (largest, is_list) in found.items():
             entry = self.stats.setdefault(name, {"records": 0, "lists": 0, "max_index": -1})
@@ -243,6 +252,19 @@ def encode_labels(label_texts, task_names, num_labels: dict[str, int], n_residue
             continue  # masked-LM labels are made by the collate kernel
         out[key] = arr
     return out
+
+
+@dataclass(frozen=True)
+class TaskLabelEncoder:
+    """The Collator's label hook for a run's LucaOne tasks (a picklable object, not a closure, so
+    DataLoader workers started by spawn can receive it)."""
+
+    task_names: tuple[str, ...]
+    num_labels: dict
+    output_modes: dict
+
+    def __call__(self, rows: dict, n_residues, cuts, width: int) -> dict:
+        return encode_labels(rows["labels"], self.task_names, self.num_labels, n_residues, cuts, width, self.output_modes)
 
 
 def min_max_scaled(coords: list) -> np.ndarray:

@@ -21,27 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lucatrain.data.alphabet import IGNORE_INDEX
+from lucatrain.models.heads import TaskHead
 from lucatrain.families.lucaone.specs import METRICS, MLM, MULTI_CLASS, MULTI_LABEL, REGRESSION, TASKS, resolve_modes
-from lucatrain.task import Metric, Task, higher_is_better, lower_is_better
+from lucatrain.task import Metric, Task, higher_is_better, lower_is_better, normalised_loss
 
 # Metrics where a larger value is better; every other metric (losses, MAE) is better lower.
 HIGHER_IS_BETTER = ("acc", "micro_f1", "macro_f1")
 
 # Regression losses by `tasks.loss_types` name, all summed over coordinates.
 REGRESSION_LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
-
-
-class TaskHead(nn.Module):
-    """LucaOne's task head: dropout -> hidden_layer (H -> C) -> GELU -> classifier (C -> K)."""
-
-    def __init__(self, hidden_size: int, classifier_size: int, num_outputs: int, dropout: float = 0.0):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.hidden_layer = nn.Linear(hidden_size, classifier_size)
-        self.classifier = nn.Linear(classifier_size, num_outputs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(F.gelu(self.hidden_layer(self.dropout(x))))
 
 
 def num_outputs(name: str, num_labels: dict[str, int]) -> int:
@@ -53,8 +41,9 @@ class PretrainTask(Task):
 
     report holds, per task, `<task>/loss_sum` and `<task>/count` (targets), plus `<task>/correct`
     (multi-class), `<task>/tp|fp|fn` vectors over labels (multi-label), `<task>/abs_err_sum`
-    (regression); the trainer sums them over micro-batches and ranks and turns them into metrics
-    (`metrics_from_sums`). `output_modes` and `loss_types` override the task table per task.
+    (regression); `train_step` and `evaluate` sum them over micro-batches and ranks and `summarize`
+    turns them into metrics (`metrics_from_sums`). `output_modes` and `loss_types` override the task
+    table per task.
     """
 
     def __init__(self, model: nn.Module, task_names, weights: dict[str, float] | None = None,
@@ -130,11 +119,9 @@ class PretrainTask(Task):
             sums.update(self._masked_lm(hidden, batch, report))
         for name, head in self.heads.items():
             sums[name] = self._label_task(name, head, hidden, batch[f"{name}_labels"], report)
-        for name, loss_sum in sums.items():
-            # With no target anywhere in the step, loss_sum is an empty sum (0): adding it anyway keeps
-            # every head in the graph, so every parameter gets a gradient on every rank.
-            loss = loss + self.weights[name] * loss_sum / max(totals.get(name, 0), 1)
-        return loss, report
+        # With no target anywhere in the step, a term is an empty sum (0): adding it anyway keeps every
+        # head in the graph, so every parameter gets a gradient on every rank.
+        return normalised_loss(loss, sums, self.weights, totals), report
 
     def _masked_lm(self, hidden, batch, report) -> dict[str, torch.Tensor]:
         selected = batch["labels"] != IGNORE_INDEX  # (B, L)
