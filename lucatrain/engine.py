@@ -25,6 +25,7 @@ from lucatrain.optim import lr_multiplier, param_groups
 warnings.filterwarnings("ignore", message=r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+PARAM_GROUP_NAMES = "lucatrain_param_group_names"  # client-state key: `Engine.param_group_names()`
 SHIPPED_DS_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
 
 
@@ -328,12 +329,24 @@ class Engine:
     def global_steps(self) -> int:
         return int(self.ds.global_steps)
 
+    def param_group_names(self) -> list[list[str]] | None:
+        """The parameter names of each group of DeepSpeed's unfused mixed-precision optimizer (ZeRO-0 in
+        bf16/fp16), in the group's order; None under any other optimizer. Saved with every checkpoint:
+        that optimizer stores its fp32 masters per group without names, and an offline export
+        (`export.checkpoint_state_dict`) needs them to tell which master is which weight."""
+        groups = getattr(self.ds.optimizer, "fp16_groups", None)
+        if groups is None or self.zero_stage != 0:
+            return None
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        return [[names[id(p)] for p in group] for group in groups]
+
     def save(self, directory: str | Path, tag: str, client_state: dict) -> None:
         """Model + optimizer + scheduler shards of every rank (collective)."""
         from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
         # Marks the checkpoint convertible to DeepSpeed's universal format (resume at another world size).
-        client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+                        PARAM_GROUP_NAMES: self.param_group_names()}  # fmt: skip
         self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, directory: str | Path, tag: str) -> dict:
@@ -361,6 +374,8 @@ class Engine:
         state = {}
         for name, param in submodule.named_parameters(remove_duplicate=False):
             full = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if full is None and param.requires_grad and not hasattr(param, "ds_id"):
+                full = self._unfused_fp32_master(param)  # ZeRO-0 bf16/fp16 keep their masters elsewhere
             if full is None and hasattr(param, "ds_id"):  # ZeRO-3 partitioned, no master: gather it whole
                 with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                     full = param.detach().float().cpu().clone()

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from lucatrain.checkpoint import EXPORT_INFO
+from lucatrain.engine import PARAM_GROUP_NAMES
 from lucatrain.models.lora import merge_lora_state_dict
 from lucatrain.models.lucagplm import CONFIG_NAME, TIED_KEY, WEIGHTS_NAME, LucaGPLMConfig
 
@@ -83,7 +84,14 @@ def checkpoint_state_dict(checkpoint_dir, tag: str = "ds") -> dict[str, torch.Te
     model_states = torch.load(states, map_location="cpu", weights_only=False)
     stage = (model_states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
     if stage == 0:  # no ZeRO partitioning: the module's weights are stored whole
-        return {k: v.float() for k, v in model_states["module"].items()}
+        state = {k: v.float() for k, v in model_states["module"].items()}
+        # In bf16/fp16 the module holds rounded weights; DeepSpeed's unfused optimizer saved the fp32
+        # masters per parameter group, in the order `Engine.param_group_names` recorded.
+        optimizer = model_states.get("optimizer") or {}
+        for names, masters in zip(model_states.get(PARAM_GROUP_NAMES) or [], optimizer.get("fp32_groups") or []):
+            for name, master in zip(names, masters):
+                state[name] = master.detach().float().reshape(state[name].shape).clone()
+        return state
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)

@@ -194,7 +194,8 @@ def _ds_config(zero, precision, accumulation=1, out_dir="."):
     if zero == "zero3-partitioned":
         ds = json.loads(resolve_ds_config_path("zero3").read_text())
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        zero = Path(out_dir) / "zero3-partitioned.json"
+        # One file per rank: both ranks write it at once, and a rank must never read the other's half-written file.
+        zero = Path(out_dir) / f"zero3-partitioned-rank{os.environ.get('RANK', '0')}.json"
         zero.write_text(json.dumps(ds))
     return load_config(None, [
         f"deepspeed.config={zero}", f"deepspeed.precision={precision}", "train.learning_rate=0.1",

@@ -205,3 +205,29 @@ def test_a_checkpoint_in_the_layout_before_families_still_resumes(tmp_path):
     want, got = load_file(tmp_path / "a" / "run" / "last" / "model.safetensors"), load_file(tmp_path / "b" / "run" / "last" / "model.safetensors")
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_zero0_bf16_exports_the_fp32_masters(tmp_path):
+    """ZeRO-0 in bf16 keeps fp32 masters in DeepSpeed's unfused optimizer: the export reads those, not the
+    bf16 working copy (which would round every weight to 8 bits of mantissa)."""
+    cfg = load_config("demo_tiny", tiny_overrides(tmp_path, **{"deepspeed.config": "zero0", "deepspeed.precision": "bf16",
+                                                               "train.max_steps": 2, "train.learning_rate": 1e-2}))  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.train()
+    state = trainer.engine.full_state_dict(trainer.family.model)
+    weight = state["layers.0.fc1.weight"]
+    assert weight.dtype == torch.float32
+    assert not torch.equal(weight, weight.bfloat16().float())  # holds values no bf16 number has
+    working = dict(trainer.family.model.named_parameters())["layers.0.fc1.weight"]
+    assert working.dtype == torch.bfloat16
+    torch.testing.assert_close(weight.bfloat16(), working.detach().cpu(), rtol=0, atol=0)  # the master rounds to it
+    # The offline export reads the same masters from the checkpoint.
+    from safetensors.torch import load_file
+
+    from lucatrain.cli import main as cli_main
+
+    assert cli_main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "offline")]) == 0
+    offline, live = load_file(tmp_path / "offline" / "model.safetensors"), load_file(tmp_path / "run" / "last" / "model.safetensors")
+    assert set(offline) == set(live)
+    for key in live:
+        torch.testing.assert_close(offline[key], live[key], rtol=0, atol=0, msg=key)
