@@ -20,6 +20,7 @@ setup(
         "transformers>=4.40",
         "datasets>=2.19",
         "pyarrow>=14",
+        "xxhash>=3",
         "numpy>=1.24",
         "numba>=0.59",
         "biopython>=1.80",

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from lucatrain.config import ConfigError, load_config, shipped_recipes
+from lucatrain.errors import TrainingInterrupted
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = REPO_DIR / "examples" / "data"
@@ -79,9 +80,11 @@ def _checkpoint_of(run_or_checkpoint: str) -> Path:
     from lucatrain.checkpoint import find_resume_checkpoint, read_valid_manifest
 
     path = Path(run_or_checkpoint)
-    if read_valid_manifest(path) is None:
-        path = find_resume_checkpoint(path / "checkpoints", "latest")
-    return path
+    if read_valid_manifest(path) is not None:
+        return path
+    if (path / "checkpoints").is_dir() or not (path / "latest").exists():
+        return find_resume_checkpoint(path / "checkpoints", "latest")
+    return find_resume_checkpoint(path, "latest")  # RUN/checkpoints itself
 
 
 def _ledger_of(run_or_checkpoint: str):
@@ -95,6 +98,9 @@ def _export(args) -> int:
     from lucatrain.export import export_checkpoint
 
     path = _checkpoint_of(args.source)
+    out_dir = Path(args.out)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"--out {out_dir} is not empty; choose a new directory or remove it (an export never mixes with other files)")
     out = export_checkpoint(path, args.out, with_heads=args.heads)
     print(f"exported {path} -> {out}" + (" (with task heads)" if args.heads else ""))
     return 0
@@ -142,6 +148,8 @@ def _train(args, demo: bool) -> int:
     overrides = list(args.overrides)
     if demo:
         given = {o.split("=", 1)[0] for o in overrides}
+        if "train.overwrite_output_dir" not in given and "train.trained_checkpoint" not in given:
+            overrides.append("train.overwrite_output_dir=true")  # runs/demo is the demo's own scratch directory
         if "data.train_files" not in given:
             overrides.append(f"data.train_files=[{DEMO_TRAIN}]")
         if "data.dev_files" not in given:
@@ -172,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lucatrain {args.verb}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:
+        print(f"lucatrain {args.verb}: {err}", file=sys.stderr)
+        return 128 + int(err.signal)  # what a shell reports for a process ended by that signal
     return code
 
 

@@ -39,7 +39,12 @@ def _check_positive(key: str, value, allow_zero: bool = False) -> None:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
-    """Run directory: config.yaml, logs/, tensorboard/, checkpoints/, best/, last/ go here."""
+    """Run directory: config.yaml, logs/, tensorboard/, checkpoints/, best/, last/ go here. A directory
+    that already holds files is refused unless the run resumes (`trained_checkpoint`) or
+    `overwrite_output_dir` is set."""
+    overwrite_output_dir: bool = False
+    """Start afresh in a run directory that holds an earlier run: its checkpoints, exports, logs and
+    history are deleted first (only in a directory that looks like a lucatrain run)."""
     seed: int = 1221
     """Seeds the sample order, the masks and the model initialisation."""
     batch_size: int = 8
@@ -77,7 +82,9 @@ class TrainConfig:
     save_steps: int = 0
     """Every N optimizer steps: DeepSpeed checkpoint (0 = only at the end)."""
     trained_checkpoint: str = ""
-    """Resume: 'latest', a step number, or a checkpoint directory (LucaVirus's --trained_checkpoint).
+    """Resume: 'latest', a step number, or a checkpoint directory (LucaVirus's --trained_checkpoint);
+    'auto': the newest complete checkpoint if there is one, else a fresh start (for schedulers that
+    rerun one command after a preemption).
     Checkpoints are looked up in `model.model_dirpath`/checkpoints when that is a run directory,
     else in `output_dir`/checkpoints."""
     save_total_limit: int = 3
@@ -88,8 +95,14 @@ class TrainConfig:
     mae), of the first dev split, or '<split>/<metric>' of a named one (`data.dev_splits`)."""
     progress_bar: bool = True
     """Show a tqdm bar on rank 0."""
+    divergence_factor: float = 100.0
+    """Stop the run (no checkpoint, no export) when a logged training loss exceeds this many times the
+    lowest logged so far (a learning-rate typo: 7.5 -> 1e8); 0 = off. A non-finite loss, report value or
+    gradient norm stops it at any step."""
 
     def validate(self) -> None:
+        if not str(self.output_dir).strip():
+            raise ConfigError("`train.output_dir` is empty; name the run directory, e.g. `train.output_dir=runs/my_run`")
         for name in ("batch_size", "gradient_accumulation_steps"):
             _check_positive(f"train.{name}", getattr(self, name))
         for name in ("max_steps", "num_train_epochs", "warmup_steps", "eval_steps", "save_steps"):
@@ -98,8 +111,8 @@ class TrainConfig:
             _check_positive(f"train.{name}", getattr(self, name))
         _check_positive("train.save_total_limit", self.save_total_limit, allow_zero=True)
         t = self.trained_checkpoint
-        if t and t != "latest" and not t.isdigit() and not Path(t).is_dir():
-            raise ConfigError(f"`train.trained_checkpoint` must be 'latest', a step number or a checkpoint directory, got {t!r}")
+        if t and t not in ("latest", "auto") and not t.isdigit() and not Path(t).is_dir():
+            raise ConfigError(f"`train.trained_checkpoint` must be 'latest', 'auto', a step number or a checkpoint directory, got {t!r}")
         if self.max_steps == 0 and self.num_train_epochs == 0:
             raise ConfigError("one of `train.max_steps` or `train.num_train_epochs` must be > 0")
         _check_positive("train.learning_rate", self.learning_rate)
@@ -113,6 +126,8 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"`train.{name}` must be in [0, 1), got {getattr(self, name)}")
         _check_positive("train.max_grad_norm", self.max_grad_norm, allow_zero=True)
+        if self.divergence_factor != 0 and self.divergence_factor <= 1:
+            raise ConfigError(f"`train.divergence_factor` must be > 1 (or 0 = off), got {self.divergence_factor}")
 
 
 @dataclass
@@ -276,6 +291,11 @@ class DeepSpeedConfig:
 
     def validate(self) -> None:
         _check_choice("deepspeed.precision", self.precision, ("fp32", "bf16", "fp16"))
+        import torch
+
+        if self.precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("`deepspeed.precision=fp16` needs a CUDA device (DeepSpeed's CPU accelerator has no fp16 "
+                              "kernels); on this machine choose fp32 or bf16")  # fmt: skip
         from lucatrain.engine import SHIPPED_DS_CONFIGS, resolve_ds_config_path
 
         try:

@@ -356,9 +356,41 @@ class Engine:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
         # DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group the first group's
         # weight_decay, so biases and LayerNorms would start decaying; put the configured values back.
+        # The same holds for a resume that changed betas, eps or weight decay on purpose: this run's
+        # config wins, and a change is logged.
+        changed = set()
         for group, settings in zip(self.ds.optimizer.param_groups, self._group_settings):
+            changed.update(k for k, v in settings.items() if k in group and group[k] != v and k != "weight_decay")
             group.update(settings)
+        self._follow_configured_schedule(changed)
         return client_state or {}
+
+    def _follow_configured_schedule(self, changed_settings: set) -> None:
+        """After a load: the learning rate follows this run's schedule from the restored step.
+
+        The LR scheduler's state comes back from the checkpoint with the old peak (`base_lrs`), so a
+        resume that lowers `train.learning_rate` (the usual reason to resume after a spike) would train
+        on at the old rate. The schedule function itself is this run's (LambdaLR saves none), so
+        resetting the peak and re-evaluating at the restored step gives exactly the configured
+        schedule; with an unchanged config it reproduces the saved rate bit for bit.
+        """
+        from lucatrain.monitor import get_logger
+
+        scheduler, train = self.scheduler, self.cfg.train
+        old_peaks = sorted(set(scheduler.base_lrs))
+        scheduler.base_lrs = [train.learning_rate for _ in scheduler.base_lrs]
+        rates = []
+        for group, base, schedule in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * schedule(scheduler.last_epoch)
+            rates.append(group["lr"])
+        scheduler._last_lr = rates
+        if old_peaks != [train.learning_rate]:
+            get_logger().warning("resume: learning rate peak %s -> %s (train.learning_rate); the %s schedule continues at "
+                                 "step %d with lr %.4g", old_peaks, train.learning_rate, train.lr_scheduler,
+                                 scheduler.last_epoch, rates[0])  # fmt: skip
+        if changed_settings:
+            get_logger().warning("resume: optimizer settings %s now come from this run's config", sorted(changed_settings))
 
     def full_state_dict(self, submodule: torch.nn.Module) -> dict[str, torch.Tensor]:
         """fp32 state dict of `submodule`, assembled from shards (collective: call on every rank).
@@ -428,11 +460,25 @@ def shutdown() -> None:
         return
     rank = dist.rank()
     dist.barrier()
-    buffer = Path("/dev/shm") / "_".join(
-        ["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), str(rank)]
-    )
-    buffer.unlink(missing_ok=True)
+    _shm_buffer(rank).unlink(missing_ok=True)
     release_process_group()
+
+
+def shutdown_after_error() -> None:
+    """A run that failed: remove this rank's shared-memory buffer, without a barrier.
+
+    The other ranks may be failing too, or stuck in a collective the launcher is about to end: waiting
+    for them here could turn a crash into a hang. DeepSpeed has mapped the buffer already, so unlinking
+    the name is safe while the process lives on.
+    """
+    if dist.is_initialized():
+        _shm_buffer(dist.rank()).unlink(missing_ok=True)
+
+
+def _shm_buffer(rank: int) -> Path:
+    """DeepSpeed's CPU all-reduce workspace of `rank` in this run (see `shutdown`)."""
+    parts = ["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), str(rank)]
+    return Path("/dev/shm") / "_".join(parts)
 
 
 def release_process_group() -> None:

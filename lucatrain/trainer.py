@@ -12,6 +12,8 @@ import json
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -25,9 +27,11 @@ from lucatrain.config import Config
 from lucatrain.data.batching import BatchSpec, padded_lengths, plan_epoch, rank_micro_batches
 from lucatrain.data.prepared import PreparedDataset, load_prepared, prepare_or_load
 from lucatrain.engine import Engine, convert_to_universal, init_distributed, peak_memory_bytes
+from lucatrain.errors import TrainingDiverged, TrainingInterrupted
 from lucatrain.engine import shutdown as engine_shutdown
+from lucatrain.engine import shutdown_after_error as engine_shutdown_after_error
 from lucatrain.families import get_family
-from lucatrain.monitor import Monitor, setup_logging
+from lucatrain.monitor import Monitor, get_logger, setup_logging
 from lucatrain.progress import Ledger
 from lucatrain.state import write_state
 from lucatrain.task import Split, accumulate
@@ -91,6 +95,50 @@ def dev_inputs(cfg: Config) -> dict[str, list[str]]:
     return splits
 
 
+# What a run writes into its directory. logs/ is not among them: a start that failed leaves only its
+# log, and an overwritten run's log stays, with the new run's lines after it.
+RUN_ARTIFACTS = ("config.yaml", "tensorboard", "history.jsonl", "checkpoints", "best", "last")
+
+
+def claim_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
+    """Make `run_dir` this run's, or refuse (every rank raises the same error, nothing is written).
+
+    A directory holding files belongs to another run: continuing it needs `train.trained_checkpoint`,
+    starting over needs `train.overwrite_output_dir=true` (HF's name), which deletes that run's
+    artifacts first so two runs never mix checkpoints, history or TensorBoard events.
+    """
+    outcome = None
+    if dist.is_main():
+        try:
+            # logs/ alone is what a start that failed before training left: that directory is still free.
+            # (The log of this very start is already open there.)
+            taken = run_dir.exists() and (not run_dir.is_dir() or any(p.name != "logs" for p in run_dir.iterdir()))
+            if taken and not resuming:
+                looks_like_run = run_dir.is_dir() and any((run_dir / name).exists() for name in RUN_ARTIFACTS)
+                if not overwrite:
+                    raise ValueError(
+                        f"{run_dir} already holds {'a run' if looks_like_run else 'files'}; resume it with "
+                        "`train.trained_checkpoint=latest` (or `auto`), choose another `train.output_dir`, or start over "
+                        "with `train.overwrite_output_dir=true`"
+                    )
+                if not looks_like_run:
+                    raise ValueError(f"{run_dir} holds files but no lucatrain run; `train.overwrite_output_dir` only clears run directories")
+                for name in RUN_ARTIFACTS:
+                    path = run_dir / name
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    elif path.exists():
+                        path.unlink()
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # read-only file system, a file in the way, ...
+            outcome = ValueError(f"`train.output_dir={run_dir}` cannot be used: {err}")
+        except ValueError as err:
+            outcome = err
+    outcome = dist.broadcast_object(outcome)
+    if outcome is not None:
+        raise outcome
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -105,11 +153,22 @@ class Trainer:
         self.cfg = cfg
         init_distributed()
         self.run_dir = Path(cfg.train.output_dir)
-        if dist.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.run_dir / "config.yaml")
-        dist.barrier()
-        self.logger = setup_logging(self.run_dir, cfg.logger.level)
+        # The log comes first, so every later start-up error and warning is in logs/training.log too
+        # (a batch job's stderr may be lost); logs/ alone does not make a directory "taken".
+        try:
+            self.logger = setup_logging(self.run_dir, cfg.logger.level)
+        except OSError as err:  # read-only file system, a file where a directory should be, ...
+            raise ValueError(f"`train.output_dir={self.run_dir}` cannot be used: {err}") from None
+        which = cfg.train.trained_checkpoint
+        # 'auto': resume when a complete checkpoint exists; otherwise start afresh, clearing what an
+        # attempt that never reached its first checkpoint left (its history would mix with ours).
+        self.resume_from = self.find_resume_checkpoint() if which and which != "auto" else None
+        if which == "auto":
+            self.resume_from = self.find_resume_checkpoint(missing_ok=True)
+        claim_run_dir(self.run_dir, resuming=self.resume_from is not None,
+                      overwrite=cfg.train.overwrite_output_dir or which == "auto")  # fmt: skip
+        if which == "auto" and self.resume_from is None:
+            self.logger.info("train.trained_checkpoint=auto: no complete checkpoint under %s; starting a new run", self.checkpoint_root)
         seed_everything(cfg.train.seed)  # same on every rank: identical initial weights
 
         self.family = get_family(cfg.model.model_type)(cfg, self.logger)
@@ -117,7 +176,6 @@ class Trainer:
         self.train_data = load_data(cfg.data.train_files, cfg, recipe)
         self.dev_data = {name: load_data(files, cfg, recipe) for name, files in dev_inputs(cfg).items()}
         self.family.setup(self.train_data, self.dev_data)
-        self.resume_from = self.find_resume_checkpoint() if cfg.train.trained_checkpoint else None
         if self.resume_from is not None:  # refuse an incompatible checkpoint before building anything
             self.resume_state = read_checkpoint_state(self.resume_from)
             self.check_resume(self.resume_from, self.resume_state)
@@ -131,6 +189,8 @@ class Trainer:
         written_by = read_valid_manifest(self.resume_from)["world_size"] if self.resume_from else dist.world_size()
         self.engine = Engine(self.task, cfg, load_universal=written_by != dist.world_size(),
                              after_step=[callback.after_step for callback in self.callbacks])  # fmt: skip
+        if dist.is_main():  # only now: the config, the data and the model have all been accepted
+            cfg.save(self.run_dir / "config.yaml")
         self.collator = self.family.collator()
         self.columns = self.family.columns()
         self.train_rows = self.family.trainable_rows(self.train_data)
@@ -151,6 +211,9 @@ class Trainer:
         )
         self.global_step = 0
         self.last_evaluated = -1
+        self.last_saved = -1
+        self.stop_signal: int | None = None  # set by the SIGTERM/SIGINT handler while training
+        self.lowest_loss: float | None = None  # of the logged training loss, for the divergence guard
         self.best_metric: float | None = None
         self.ledger = Ledger()
         self.history: list[dict] = []  # every logged window of this process, for tests and plots
@@ -241,7 +304,12 @@ class Trainer:
                 )
             micro_batches = MicroBatches(self.train_data, batches, self.collator, epoch, self.world_size, self.rank,
                                          self.accumulation, self.columns)  # fmt: skip
+            # Starting a DataLoader iterator draws its workers' base seed from torch's global RNG. A
+            # resumed run starts its iterator at another moment than the uninterrupted run did, so that
+            # draw would shift every later dropout mask; the state is put back to keep them aligned.
+            rng = torch.get_rng_state()
             loader = iter(make_loader(micro_batches, self.cfg.data.num_workers))
+            torch.set_rng_state(rng)
             for batch in batches:
                 yield epoch, batch, position, [next(loader) for _ in range(self.accumulation)]
                 position += len(batch)
@@ -251,9 +319,35 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict:
+        """Train to the end, or until SIGTERM/SIGINT (a scheduler's notice, Ctrl-C): the current
+        optimizer step finishes, a checkpoint is committed, and `TrainingInterrupted` is raised. A
+        second signal ends the process at once."""
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            return self._train()
+
+        def note(signum, frame):
+            self.stop_signal = signum
+            signal.signal(signum, signal.SIG_DFL)
+
+        previous = {signum: signal.signal(signum, note) for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._train()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _train(self) -> dict:
         cfg = self.cfg.train
         by_epochs = len(self.epoch_plan(0)) * cfg.num_train_epochs if cfg.num_train_epochs else math.inf
         total = int(min(cfg.max_steps or math.inf, by_epochs))
+        if self.resume_from is not None and self.global_step >= total:
+            # Nothing to do; re-saving would rewrite a finished run's checkpoint and exports.
+            self.logger.warning(
+                "resumed at step %d, which already reaches this run's last step %d (train.max_steps=%d, "
+                "train.num_train_epochs=%d): nothing to train; checkpoints and exports are left as they are. "
+                "Raise train.max_steps to train on.", self.global_step, total, cfg.max_steps, cfg.num_train_epochs,
+            )  # fmt: skip
+            return {"history": [], "global_step": self.global_step}
         monitor = Monitor(self.run_dir, total, self.cfg.logger.tensorboard, cfg.progress_bar and dist.is_main(), self.global_step)
         window: dict[str, float] = {}
         window_start, window_steps, window_samples, window_tokens = time.perf_counter(), 0, 0, 0
@@ -262,6 +356,7 @@ class Trainer:
             if self.global_step >= total:
                 break
             report = self.train_step(micro_batches)
+            interrupted = self.check_step(report, self.global_step + 1)
             accumulate(window, report)
             self.global_step += 1
             window_steps += 1
@@ -290,6 +385,7 @@ class Trainer:
                 shown = {"loss": scalars.get("loss", math.nan), "lr": scalars["lr"], "tok/s": scalars["tokens_per_s"]}
                 monitor.advance(window_steps, shown)
                 self.log_history({"step": self.global_step, **scalars})
+                self.check_divergence(scalars.get("loss"))
                 window, window_start, window_steps, window_samples, window_tokens = {}, time.perf_counter(), 0, 0, 0
 
             if cfg.eval_steps and self.global_step % cfg.eval_steps == 0 and self.global_step != total:
@@ -298,6 +394,8 @@ class Trainer:
                     break
             if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step != total:
                 self.save_checkpoint()
+            if interrupted:
+                self.stop_after_signal(monitor)
             if stop:
                 break
 
@@ -318,6 +416,53 @@ class Trainer:
         if dist.is_main():
             with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
+
+    def check_step(self, report: dict, step: int) -> bool:
+        """After every step, on every rank (one all-reduce of two flags, so all ranks decide alike):
+        stop before anything is saved when a report value or the gradient norm is not finite (this
+        step's update is already applied, so nothing of this run is committed from here on); return
+        True when a rank received SIGTERM or SIGINT (the run then commits a checkpoint and stops)."""
+        bad = sorted(k for k, v in report.items() if not np.all(np.isfinite(v)))
+        norm = self.engine.grad_norm()
+        if norm is not None and not math.isfinite(norm):
+            bad.append("grad_norm")
+        flags = dist.all_reduce_dict({"bad": float(len(bad)), "signal": float(self.stop_signal is not None)}, self.engine.device)
+        if flags["bad"] == 0:
+            return flags["signal"] > 0
+        tasks = sorted({key.split("/")[0] for key in bad if "/" in key})
+        self.diverged(f"step {step}: non-finite {', '.join(bad) or 'values on another rank'}"
+                      + (f" (task {', '.join(tasks)})" if tasks else ""))  # fmt: skip
+
+    def stop_after_signal(self, monitor: Monitor) -> None:
+        """SIGTERM/SIGINT: the step is done; commit it (unless just saved) and end with an error."""
+        if self.last_saved != self.global_step:
+            self.save_checkpoint()
+        monitor.close()
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal on another rank"
+        message = (f"stopped by {name} after step {self.global_step}: checkpoint {checkpoint.checkpoint_name(self.global_step)} "
+                   "is committed; resume with train.trained_checkpoint=latest (or auto)")  # fmt: skip
+        self.logger.warning(message)
+        raise TrainingInterrupted(message, self.stop_signal or signal.SIGTERM)
+
+    def check_divergence(self, loss: float | None) -> None:
+        """Stop when the logged loss has grown past `train.divergence_factor` times its lowest value."""
+        factor = self.cfg.train.divergence_factor
+        if loss is None or not factor:
+            return
+        if not math.isfinite(loss):
+            self.diverged(f"step {self.global_step}: the training loss is {loss}")
+        self.lowest_loss = loss if self.lowest_loss is None else min(self.lowest_loss, loss)
+        if loss > factor * self.lowest_loss:
+            self.diverged(f"step {self.global_step}: the training loss {loss:.4g} is over {factor:g} times its lowest "
+                          f"{self.lowest_loss:.4g} (train.divergence_factor)")  # fmt: skip
+
+    def diverged(self, what: str) -> None:
+        latest = self.checkpoint_root / checkpoint.LATEST
+        kept = f"the last checkpoint, {latest.read_text().strip()}, is kept" if latest.exists() else "no checkpoint was written"
+        message = (f"training diverged at {what}; nothing of it is saved or exported ({kept}). Resume from the last "
+                   "checkpoint with a lower train.learning_rate (train.trained_checkpoint=latest), or check the data")  # fmt: skip
+        self.logger.error(message)
+        raise TrainingDiverged(message)
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step over this rank's micro-batches (the Task owns it); the summed report."""
@@ -363,6 +508,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Stage every rank's shards, barrier, manifest, atomic rename, then `latest` (checkpoint.py)."""
         started = time.perf_counter()
+        self.last_saved = self.global_step
         stage = checkpoint.begin(self.checkpoint_root, self.global_step)
         self.engine.save(stage, DS_TAG, client_state={})
         checkpoint.save_rng_state(stage / "rng" / f"rank{self.rank}.npz")
@@ -377,13 +523,35 @@ class Trainer:
             path, time.perf_counter() - started, size, self.ledger.samples_seen,
         )  # fmt: skip
 
-    def find_resume_checkpoint(self) -> Path:
-        """`train.trained_checkpoint` resolved, with LucaVirus's meaning of `model_dirpath`."""
+    def find_resume_checkpoint(self, missing_ok: bool = False) -> Path | None:
+        """`train.trained_checkpoint` resolved on rank 0 (which verifies the checksums of the one it
+        picks) and sent to every rank, or the same error raised on every rank."""
+        outcome = None
+        if dist.is_main():
+            try:
+                outcome = ("ok", self._find_resume_checkpoint(missing_ok))
+            except ValueError as err:
+                outcome = ("error", err)
+        status, payload = dist.broadcast_object(outcome)
+        if status == "error":
+            raise payload
+        return payload
+
+    def _find_resume_checkpoint(self, missing_ok: bool) -> Path | None:
+        """`train.trained_checkpoint` resolved, with LucaVirus's meaning of `model_dirpath`; with
+        `missing_ok` ('auto'), None when there is no complete checkpoint yet."""
         which = self.cfg.train.trained_checkpoint
         model_dir = Path(self.cfg.model.model_dirpath) if self.cfg.model.model_dirpath else None
         if model_dir is not None and checkpoint.read_valid_manifest(model_dir) is not None:
             return model_dir  # model_dirpath names the checkpoint itself (LucaVirus: .../checkpoint-step<N>)
         root = model_dir / "checkpoints" if model_dir is not None and (model_dir / "checkpoints").is_dir() else self.checkpoint_root
+        if missing_ok:
+            if not checkpoint.committed(root) and not (root / checkpoint.LATEST).exists():
+                return None
+            try:
+                return checkpoint.find_resume_checkpoint(root, "latest")
+            except ValueError:  # only incomplete checkpoints (each named in a warning)
+                return None
         return checkpoint.find_resume_checkpoint(root, which)
 
     def state_dict(self) -> dict:
@@ -468,6 +636,17 @@ class Trainer:
 
 
 def run_training(cfg: Config) -> dict:
-    result = Trainer(cfg).train()
+    """One run, start to finish; DeepSpeed's shared-memory buffers go on every exit path, and the
+    reason a run stopped is in logs/training.log as well as on stderr."""
+    try:
+        result = Trainer(cfg).train()
+    except TrainingInterrupted:
+        engine_shutdown()  # every rank stopped at the same step: a clean shutdown
+        raise
+    except BaseException as err:
+        if isinstance(err, ValueError) and not isinstance(err, TrainingDiverged) and get_logger().handlers:
+            get_logger().error("%s", err)
+        engine_shutdown_after_error()
+        raise
     engine_shutdown()
     return result

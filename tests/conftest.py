@@ -103,10 +103,13 @@ def launch(args: list[str], nproc: int, timeout: int = 600, launcher: str = "dee
         cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nproc), "--master_port", str(_free_port()), "--module", "lucatrain", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), "-m", "lucatrain", *args]
+    port = cmd[cmd.index("--master_port") + 1] if "--master_port" in cmd else None
     try:
         result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        # What the run itself left in /dev/shm (a test may assert it is nothing), before the cleanup.
+        result.shm_left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) if port else []
     finally:
-        remove_shm_buffers(cmd[cmd.index("--master_port") + 1] if "--master_port" in cmd else None)
+        remove_shm_buffers(port)
     if expect_failure:
         assert result.returncode != 0, "the run was expected to die"
         return result

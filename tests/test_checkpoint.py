@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from lucatrain import checkpoint
 from lucatrain.progress import Ledger, audit
@@ -23,7 +24,8 @@ def fake_checkpoint(root, step, keep_last=0):
 def test_commit_writes_manifest_then_latest(tmp_path):
     path = fake_checkpoint(tmp_path, 3)
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["files"] == {"ds/shard.pt": 103} and manifest["step"] == 3
+    assert manifest["files"] == {"ds/shard.pt": {"size": 103, "xxh3_64": xxhash.xxh3_64(b"x" * 103).hexdigest()}}
+    assert manifest["step"] == 3
     assert (tmp_path / "latest").read_text() == "step-000003"
     assert not list(tmp_path.glob(".staging-*"))
 
@@ -104,3 +106,41 @@ def test_state_round_trip_keeps_nested_values_and_arrays(tmp_path):
     (tmp_path / "state.json").write_text("{not json")
     with pytest.raises(ValueError, match="state.json: unreadable checkpoint state"):
         read_state(tmp_path)
+
+
+def test_a_checkpoint_being_replaced_stays_resumable(tmp_path):
+    """Re-saving the step a run resumed from moves the old checkpoint aside before renaming the new one in,
+    so a kill between the two renames still leaves a complete checkpoint for `latest`."""
+    root = tmp_path / "checkpoints"
+    for payload in (b"first", b"second"):
+        stage = checkpoint.begin(root, 2)
+        (stage / "weights.bin").write_bytes(payload)
+        checkpoint.commit(root, 2, {}, keep_last=1)
+    assert (root / "step-000002" / "weights.bin").read_bytes() == b"second"
+    assert not list(root.glob(".retired-*"))  # retired once the new one was in place
+    # The window a kill can leave: the old copy moved aside, the new one not yet renamed in.
+    (root / "step-000002").rename(root / ".retired-step-000002")
+    found = checkpoint.find_resume_checkpoint(root, "latest")
+    assert found == root / ".retired-step-000002" and checkpoint.read_valid_manifest(found) is not None
+
+
+def test_a_same_size_corruption_is_caught_by_the_checksum(tmp_path):
+    """The manifest records each file's xxh3-64: a shard whose bytes changed but not its size (bit rot, a
+    torn copy) makes `latest` fall back to the previous checkpoint instead of loading it."""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        stage = checkpoint.begin(root, step)
+        (stage / "ds").mkdir()
+        (stage / "ds" / "optim_states.pt").write_bytes(bytes(range(256)) * step)
+        checkpoint.commit(root, step, {}, keep_last=0)
+    manifest = json.loads((root / "step-000004" / "manifest.json").read_text())
+    assert set(manifest["files"]["ds/optim_states.pt"]) == {"size", "xxh3_64"}
+    shard = root / "step-000004" / "ds" / "optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF  # one flipped byte, same size
+    shard.write_bytes(bytes(data))
+    assert checkpoint.read_valid_manifest(root / "step-000004") is not None  # sizes still agree
+    assert checkpoint.read_valid_manifest(root / "step-000004", verify=True) is None
+    assert checkpoint.find_resume_checkpoint(root, "latest") == root / "step-000002"
+    with pytest.raises(ValueError, match=r"step-000004 is missing or incomplete; valid: \['step-000002'\] \(files that do not match"):
+        checkpoint.find_resume_checkpoint(root, "4")

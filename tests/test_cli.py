@@ -43,9 +43,9 @@ def test_bad_input_stops_every_rank(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("obj_id,obj_type,obj_seq,obj_label\ng1,gene,ACGT\n")
     args = ["train", "--config", "demo_tiny", *tiny_overrides(tmp_path, **{"data.train_files": f"[{bad}]"})]
-    with pytest.raises(pytest.fail.Exception) as failure:
-        launch(args, nproc=2, timeout=240)
-    assert f"{bad}:2: expected 4 columns, found 3" in str(failure.value)
+    result = launch(args, nproc=2, timeout=240, expect_failure=True)
+    assert f"{bad}:2: expected 4 columns, found 3" in result.stderr
+    assert result.shm_left == []  # a run that fails removes DeepSpeed's shared-memory buffers too
 
 
 def _tiny_script_env(tmp_path, **extra):
@@ -93,13 +93,26 @@ def test_continue_script_resumes_the_mask_run(tmp_path):
     first = subprocess.run(["bash", "run_scripts/run_multi_mask_v1.0.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     remove_shm_buffers(env["MASTER_PORT"])
     assert first.returncode == 0, first.stderr[-4000:]
-    env.update(max_steps="9", nproc_per_node="1", MASTER_PORT=str(_port()), trained_checkpoint="latest")
+    env.update(max_steps="9", nproc_per_node="1", MASTER_PORT=str(_port()))  # trained_checkpoint: the default, auto
     result = subprocess.run(["bash", "run_scripts/run_multi_v1.0_continue.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     log = (tmp_path / "run" / "logs" / "training.log").read_text()
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'step-000006'}" in log
     assert "world size 2 -> 1" in log
     assert "done: 9 steps" in log
+
+
+@pytest.mark.multiprocess
+def test_continue_script_after_a_kill_before_the_first_checkpoint_starts_afresh(tmp_path):
+    """The scheduler's one command: the same continue command works whether or not a checkpoint exists."""
+    env = _tiny_script_env(tmp_path, nproc_per_node="1", LAUNCHER="python", max_steps="4", save_steps="0", eval_steps="0")
+    killed = subprocess.run(["bash", "run_scripts/run_multi_v1.0_continue.sh"], cwd=REPO, env={**env, "LUCATRAIN_FAULT": "step:2"},
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert killed.returncode != 0 and not (tmp_path / "run" / "checkpoints" / "latest").exists()
+    result = subprocess.run(["bash", "run_scripts/run_multi_v1.0_continue.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = (tmp_path / "run" / "logs" / "training.log").read_text()
+    assert "no complete checkpoint" in log and "done: 4 steps" in log
 
 
 def _run_script(tmp_path, script, **env_values):

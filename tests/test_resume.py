@@ -42,12 +42,13 @@ def reference_runs(tmp_path_factory):
     """Uninterrupted 12-step runs on 2 processes, one per ZeRO config, made on first use."""
     runs = {}
 
-    def get(zero="zero2"):
-        if zero not in runs:
+    def get(zero="zero2", **extra):
+        key = (zero, tuple(sorted(extra.items())))
+        if key not in runs:
             root = tmp_path_factory.mktemp(f"reference-{zero}")
-            launch(args_for(root, **{"deepspeed.config": zero}), nproc=2)
-            runs[zero] = root / "run"
-        return runs[zero]
+            launch(args_for(root, **{"deepspeed.config": zero}, **extra), nproc=2)
+            runs[key] = root / "run"
+        return runs[key]
 
     return get
 
@@ -57,11 +58,16 @@ def uninterrupted(reference_runs):
     return reference_runs("zero2")
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_sigkill_at_random_step_then_resume_is_bitwise_exact(tmp_path, reference_runs, zero):
-    uninterrupted = reference_runs(zero)
+# LucaVirus's recipe trains with dropout 0.1 and DataLoader workers: resume must be exact with both.
+DROPOUT_AND_WORKERS = {"model.hidden_dropout_prob": 0.1, "data.num_workers": 1}
+
+
+@pytest.mark.parametrize("zero,extra", [("zero2", {}), ("zero3", {}), ("zero2", DROPOUT_AND_WORKERS)],
+                         ids=["zero2", "zero3", "zero2-dropout-workers"])  # fmt: skip
+def test_sigkill_at_random_step_then_resume_is_bitwise_exact(tmp_path, reference_runs, zero, extra):
+    uninterrupted = reference_runs(zero, **extra)
     kill_at = kill_step(4, STEPS - 1)
-    config = {"deepspeed.config": zero}
+    config = {"deepspeed.config": zero, **extra}
     launch(args_for(tmp_path, **config), nproc=2, env={"LUCATRAIN_FAULT": f"step:{kill_at}"}, expect_failure=True)
     run = tmp_path / "run"
     assert (run / "checkpoints" / "latest").exists(), f"killed at step {kill_at}"
@@ -184,9 +190,37 @@ def test_audit_reports_and_detects_a_duplicated_id(tmp_path, uninterrupted):
     shutil.copytree(uninterrupted / "checkpoints", run / "checkpoints")
     ids_path = state_array_file(run / "checkpoints" / "step-000012" / "state", "ledger", "epochs", "0", "ids")
     ids = np.load(ids_path)
-    ids[5] = ids[4]  # same file size: the manifest still holds, the ledger now lies
+    ids[5] = ids[4]  # same file size, other bytes
     np.save(ids_path, ids)
+    # The checksum gives the tampering away: audit reads the previous checkpoint instead, and says why.
+    skipped = audit(run)
+    assert "does not match its checksum" in skipped.stderr and "consumed 72" in skipped.stdout
+    # A ledger that records a duplicate in a checkpoint that is otherwise sound (its manifest rewritten):
+    from lucatrain.checkpoint import MANIFEST, write_manifest
+
+    step12 = run / "checkpoints" / "step-000012"
+    (step12 / MANIFEST).unlink()
+    write_manifest(step12, 12, {})
     dirty = audit(run, "--compare", uninterrupted)
     assert dirty.returncode == 1
     assert "duplicates 1" in dirty.stdout and str(int(ids[4])) in dirty.stdout
     assert "epoch 0: runs diverge at position 5" in dirty.stdout
+
+
+def test_sigterm_commits_the_current_step_and_resume_is_exact(tmp_path, uninterrupted):
+    """A scheduler's SIGTERM to rank 0 alone: both ranks finish the step, commit it, and exit non-zero
+    with one line; resuming ends bitwise equal to the uninterrupted run (before: the steps since the last
+    save_steps were lost, with a traceback)."""
+    signalled = kill_step(4, STEPS - 3)
+    at = signalled + 1  # a signal is noticed at the end of the step it arrives in: the one after
+    result = launch(args_for(tmp_path), nproc=2, env={"LUCATRAIN_FAULT": f"sigterm:{signalled}"}, expect_failure=True)
+    run = tmp_path / "run"
+    assert f"stopped by SIGTERM after step {at}: checkpoint step-{at:06d} is committed" in result.stderr
+    assert (run / "checkpoints" / "latest").read_text() == f"step-{at:06d}"
+    assert result.shm_left == []  # the clean shutdown removed DeepSpeed's buffers
+    launch(args_for(tmp_path, **{"train.trained_checkpoint": "latest"}), nproc=2)
+    assert f"resumed from {run / 'checkpoints' / f'step-{at:06d}'}" in (run / "logs" / "training.log").read_text()
+    assert_same_stream(final_ledger(run), final_ledger(uninterrupted))
+    want, got = final_weights(uninterrupted), final_weights(run)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} (SIGTERM after step {at})")

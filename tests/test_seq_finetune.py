@@ -54,6 +54,7 @@ def finetune_overrides(tmp_path, encoder, **extra):
         "train.eval_steps": 20,
         "train.progress_bar": "false",
         "finetune.dropout": 0.0,
+        "model.hidden_dropout_prob": 0.0,
         "finetune.classifier_size": 32,
         "deepspeed.precision": "fp32",
         "deepspeed.config": "zero2",

@@ -554,7 +554,8 @@ def _jsonl_record(path: Path, line: int, index: int, text: str) -> Record | Reco
     except ValueError as e:
         return RecordError(path, line, f"invalid JSON: {e}")
     if not isinstance(obj, dict):
-        return RecordError(path, line, f"expected a JSON object, got {type(obj).__name__}")
+        hint = " (.json and .jsonl inputs are JSON Lines: one object per line, not one array)" if isinstance(obj, list) else ""
+        return RecordError(path, line, f"expected a JSON object, got {type(obj).__name__}{hint}")
     try:
         seq_col = _seq_column(obj.keys(), path, "key(s)")
     except RecordError as e:

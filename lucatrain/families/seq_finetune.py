@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lucatrain import dist
-from lucatrain.checkpoint import EXPORT_INFO
 from lucatrain.config import ConfigError
 from lucatrain.data.collate import Collator
 from lucatrain.data.schema import Column, PrepareRecipe, Schema
@@ -43,7 +42,7 @@ from lucatrain.export import HEADS_CONFIG, HEADS_WEIGHTS, split_task_state, writ
 from lucatrain.families import register_family
 from lucatrain.families.base import Family
 from lucatrain.families.lucaone.labels import read_label_file  # LucaOne's label-file format
-from lucatrain.models.encoder import build_model_with_report
+from lucatrain.models.encoder import build_model_with_report, encoder_of_checkpoint, record_encoder
 from lucatrain.models.heads import TaskHead
 from lucatrain.models.lora import apply_lora, lora_settings
 from lucatrain.models.lucagplm import CONFIG_NAME, LucaGPLM, LucaGPLMConfig
@@ -251,14 +250,15 @@ class SeqFinetuneFamily(Family):
     def build_task(self, resume_from: Path | None = None) -> SeqFinetuneTask:
         cfg, ft = self.cfg, self.cfg.finetune
         if resume_from is not None:
-            # The checkpoint's own encoder architecture (its weights come from the checkpoint).
-            info = json.loads((Path(resume_from) / EXPORT_INFO).read_text())
-            model = LucaGPLM(LucaGPLMConfig(**{**info["encoder_config"], "gradient_checkpointing": cfg.model.gradient_checkpointing}))
+            model = encoder_of_checkpoint(resume_from, cfg)  # its weights come with the resume
+            record_encoder(cfg, model.config, self.logger, f"the checkpoint {resume_from}")
         else:
             model, report = build_model_with_report(cfg)
             if report is not None:
                 self.logger.info("encoder from LucaOne checkpoint: %s", report.summary())
-            if not cfg.model.model_dirpath and dist.is_main():
+            if cfg.model.model_dirpath:
+                record_encoder(cfg, model.config, self.logger, cfg.model.model_dirpath)
+            elif dist.is_main():
                 self.logger.warning("model.model_dirpath is empty: fine-tuning an encoder initialised at random")
         self.encoder_config = model.config
         self.num_params = model.num_parameters()

@@ -32,7 +32,7 @@ from lucatrain.families.lucaone.labels import LabelStats, TaskLabelEncoder, chec
 from lucatrain.families.lucaone.plan import TaskPlan, plan_tasks
 from lucatrain.families.lucaone.specs import TASK_NAMES, TASKS
 from lucatrain.families.lucaone.task import PretrainTask
-from lucatrain.models.encoder import build_model_with_report
+from lucatrain.models.encoder import build_model_with_report, encoder_of_checkpoint, record_encoder
 from lucatrain.models.lora import apply_lora, lora_settings
 from lucatrain.models.lucagplm import LucaGPLMConfig
 from lucatrain.models.lucaone_checkpoint import load_lucaone_heads
@@ -99,6 +99,11 @@ class LucaOneFamily(Family):
         self.plan: TaskPlan = plan_tasks(cfg.tasks.selected(), cfg.tasks.label_dir, cfg.data.train_files, stats, dev_stats,
                                          cfg.tasks.output_modes)  # fmt: skip
         plan = self.plan
+        if not np.isin(train_data.obj_types, plan.obj_types).any():
+            kinds = {alphabet.GENE: "gene", alphabet.PROT: "prot"}
+            trained = sorted(kinds[t] for t in plan.obj_types)
+            raise ValueError(f"the selected tasks {plan.names} train on {' and '.join(trained)} records, but the training data "
+                             f"({len(train_data)} records) holds none; select tasks of its molecule or add such records")  # fmt: skip
         if not dist.is_main():
             return
         logger.info("tasks: %s", ", ".join(f"{n} ({plan.num_labels[n]} labels)" if n in plan.num_labels else n
@@ -127,7 +132,13 @@ class LucaOneFamily(Family):
 
     def build_task(self, resume_from: Path | None = None) -> PretrainTask:
         cfg, plan = self.cfg, self.plan
-        self.model, lucaone_report = build_model_with_report(cfg)
+        if resume_from is not None:
+            self.model, lucaone_report = encoder_of_checkpoint(resume_from, cfg), None
+            record_encoder(cfg, self.model.config, self.logger, f"the checkpoint {resume_from}")
+        else:
+            self.model, lucaone_report = build_model_with_report(cfg)
+            if cfg.model.model_dirpath:
+                record_encoder(cfg, self.model.config, self.logger, cfg.model.model_dirpath)
         self.num_params = self.model.num_parameters()  # before ZeRO-3 partitions the parameters away
         if cfg.lora.enabled:
             lora = cfg.lora

@@ -179,7 +179,7 @@ def read_label_file(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"label file {path} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a spreadsheet's byte-order mark
     if not lines or lines[0].strip().lower() != LABEL_HEADER:
         first = lines[0] if lines else "(empty file)"
         raise ValueError(f"{path}:1: the first line must be the header {LABEL_HEADER!r}, got {first!r}")
