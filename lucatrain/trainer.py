@@ -613,7 +613,11 @@ class Trainer:
             checkpoint.load_rng_state(rng)
         else:
             seed_everything(self.cfg.train.seed + 7919 * self.global_step + self.rank)
-            self.logger.warning("world size %d -> %d: RNG states re-seeded (masks do not use them)", written_by, self.world_size)
+            self.logger.warning(
+                "world size %d -> %d: the per-rank RNG states (dropout) are re-seeded from (seed, step, rank), so dropout "
+                "masks differ from a run that kept %d ranks; the sample stream and the MLM masks (hashed from sample ids) "
+                "do not", written_by, self.world_size, written_by,
+            )  # fmt: skip
         if written_by != self.world_size and dist.is_main():
             shutil.rmtree(load_dir, ignore_errors=True)
         self.logger.info(

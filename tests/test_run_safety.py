@@ -217,3 +217,10 @@ def test_a_run_started_from_pretrained_weights_resumes_with_that_encoder(tmp_pat
     assert resumed.train()["global_step"] == 4
     exported = json.loads((run / "last" / "config.json").read_text())
     assert (exported["hidden_size"], exported["token_dropout"]) == (32, False)
+
+
+def test_an_output_dir_that_cannot_be_created_names_the_path(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match=r"`train.output_dir=.*a_file/run` cannot be used: "):
+        Trainer(load_config("demo_tiny", tiny_overrides(tmp_path, **{"train.output_dir": blocker / "run"})))
