@@ -21,7 +21,6 @@ statistics for meta.json. The base recipe stores gene/protein sequence records a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -113,7 +112,3 @@ class PrepareRecipe:
     def meta(self) -> dict:
         """Extra entries for meta.json, after the last record."""
         return {}
-
-
-def canonical_json(value) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
