@@ -36,9 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     prep = verbs.add_parser("prepare", help="turn input files into a prepared dataset")
     prep.add_argument("inputs", nargs="+", help="files or directories (CSV, FASTA, Swiss-Prot, Parquet, JSONL)")
     prep.add_argument("--out", required=True, help="output directory of the prepared dataset")
-    prep.add_argument("--format", default="auto", help="auto, lucaone_csv, seq_label_csv, fasta, swissprot, parquet, jsonl")
+    prep.add_argument("--format", default="auto", help="auto, lucaone_csv, seq_label_csv, fasta, fastq, swissprot, parquet, jsonl")
     prep.add_argument("--fasta-obj-type", default="auto", choices=("auto", "gene", "prot"))
     prep.add_argument("--bad-records", default="fail", choices=("fail", "skip"))
+    prep.add_argument("--duplicates", default="keep", choices=("keep", "drop", "fail"), help="records sharing an obj_id")
     prep.add_argument("--config", default=None, help="a recipe: its model family's record checks apply (model.model_type)")
     prep.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="config override, e.g. --set model.model_type=seq_finetune --set finetune.label_file=label.txt")
@@ -70,7 +71,7 @@ def _prepare(args) -> int:
     cfg = load_config(args.config, [*args.set, f"data.train_files=[{', '.join(args.inputs)}]"])
     recipe = get_family(cfg.model.model_type)(cfg, get_logger()).prepare_recipe()
     data = prepare(args.inputs, args.out, fmt=args.format, fasta_obj_type=args.fasta_obj_type, bad_records=args.bad_records,
-                   recipe=recipe)  # fmt: skip
+                   duplicates=args.duplicates, recipe=recipe)  # fmt: skip
     print(f"prepared {data.num_records} records into {data.path} (fingerprint {data.fingerprint[:16]})")
     return 0
 

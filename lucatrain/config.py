@@ -133,18 +133,23 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
-    """Training inputs: files or directories (LucaOne CSV, FASTA, Swiss-Prot .dat, Parquet, JSONL), or one prepared dataset directory."""
+    """Training inputs: files or directories (LucaOne CSV/TSV, FASTA, FASTQ, Swiss-Prot .dat, Parquet, JSONL), or one
+    prepared dataset directory. Files of a directory that are not inputs are named in the log."""
     dev_files: list[str] = field(default_factory=list)
     """Dev inputs for periodic evaluation (empty = no evaluation), logged as `eval/<metric>`."""
     dev_splits: dict[str, list[str]] = field(default_factory=dict)
     """More dev sets by name, e.g. `{val_seen: [a.csv], val_unseen: [b.csv]}`; each is evaluated and
     logged as `eval/<name>/<metric>`."""
     format: str = "auto"
-    """Input format: 'auto' (by extension), 'lucaone_csv', 'seq_label_csv', 'fasta', 'swissprot', 'parquet', 'jsonl'."""
+    """Input format: 'auto' (by extension), 'lucaone_csv', 'seq_label_csv' (both also .tsv), 'fasta', 'fastq', 'swissprot', 'parquet',
+    'jsonl'; text formats also compressed (.gz, .bz2, .xz)."""
     fasta_obj_type: str = "auto"
-    """Molecule type of FASTA records: 'auto' (detected per record), 'gene', 'prot'."""
+    """Molecule type of FASTA/FASTQ records: 'auto' (detected per record), 'gene', 'prot'."""
     bad_records: str = "fail"
     """Malformed records: 'fail' (stop, naming file and line) or 'skip' (count them into rejects.jsonl)."""
+    duplicates: str = "keep"
+    """Records sharing an obj_id: 'keep' (train every copy, with a warning naming them), 'drop' (keep the
+    first, drop later copies), 'fail' (stop, naming both records)."""
     cache_dir: str = "~/.cache/lucatrain/prepared"
     """Where raw inputs are prepared on the fly (keyed by their fingerprint, reused across runs)."""
     max_length: int = 1026
@@ -164,6 +169,7 @@ class DataConfig:
         _check_choice("data.format", self.format, ("auto", *formats()))
         _check_choice("data.fasta_obj_type", self.fasta_obj_type, ("auto", "gene", "prot"))
         _check_choice("data.bad_records", self.bad_records, ("fail", "skip"))
+        _check_choice("data.duplicates", self.duplicates, ("keep", "drop", "fail"))
         _check_choice("data.truncation", self.truncation, ("right", "left"))
         if self.max_length < 3:
             raise ConfigError(f"`data.max_length` must be >= 3 ([CLS] + residue + [SEP]), got {self.max_length}")

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from lucatrain import checkpoint, dist
 from lucatrain.checkpoint import EXPORT_INFO, maybe_fault, read_checkpoint_state, read_valid_manifest
 from lucatrain.config import Config
-from lucatrain.data.batching import BatchSpec, padded_lengths, plan_epoch, rank_micro_batches
+from lucatrain.data.batching import BatchSpec, padded_lengths, plan_epoch, rank_micro_batches, truncation_summary
 from lucatrain.data.prepared import PreparedDataset, load_prepared, prepare_or_load
 from lucatrain.engine import Engine, convert_to_universal, init_distributed, peak_memory_bytes
 from lucatrain.errors import TrainingDiverged, TrainingInterrupted
@@ -72,7 +72,8 @@ def make_loader(dataset: MicroBatches, num_workers: int) -> DataLoader:
 
 def load_data(files: list[str], cfg: Config, recipe) -> PreparedDataset:
     """Prepare (rank 0) or reuse the prepared dataset for `files`; other ranks then open it."""
-    options = dict(fmt=cfg.data.format, fasta_obj_type=cfg.data.fasta_obj_type, bad_records=cfg.data.bad_records)
+    options = dict(fmt=cfg.data.format, fasta_obj_type=cfg.data.fasta_obj_type, bad_records=cfg.data.bad_records,
+                   duplicates=cfg.data.duplicates)  # fmt: skip
     cache_dir = Path(cfg.data.cache_dir).expanduser()
     data, outcome = None, None
     if dist.is_main():
@@ -226,6 +227,9 @@ class Trainer:
             self.engine.zero_stage,
             cfg.deepspeed.precision,
         )
+        cut = truncation_summary(self.train_data.lengths[self.train_rows], cfg.data.max_length, cfg.data.truncation)
+        if cut and dist.is_main():
+            self.logger.info("training data: %s", cut)
         if self.resume_from is not None:
             self.restore(self.resume_from, written_by)
 

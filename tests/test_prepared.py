@@ -80,7 +80,7 @@ def test_meta_json_counts(shipped):
     ]
     assert meta["obj_type_counts"] == {"gene": 308 + 3018, "prot": 4 + 100}
     assert meta["total_residues"] == int(shipped.lengths.sum())
-    assert meta["options"] == {"fmt": "auto", "fasta_obj_type": "auto", "bad_records": "fail"}
+    assert meta["options"] == {"fmt": "auto", "fasta_obj_type": "auto", "bad_records": "fail", "duplicates": "keep"}
     assert meta["created"].endswith("Z")
     assert not (shipped.path / "rejects.jsonl").exists()
 

@@ -34,6 +34,19 @@ def padded_lengths(residue_lengths: np.ndarray, max_length: int) -> np.ndarray:
     return np.minimum(residue_lengths.astype(np.int64) + 2, max_length)
 
 
+def truncation_summary(residue_lengths: np.ndarray, max_length: int, side: str) -> str | None:
+    """One log line on what `max_length` cuts off (records and residues), or None when nothing is cut."""
+    lengths = residue_lengths.astype(np.int64)
+    cut = np.maximum(lengths - (max_length - 2), 0)
+    records = int((cut > 0).sum())
+    if not records:
+        return None
+    total = int(lengths.sum())
+    return (f"{records} of {lengths.size} records ({100 * records / lengths.size:.1f}%) are longer than data.max_length={max_length} "
+            f"allows and are cut at the {'end' if side == 'right' else 'start'} (data.truncation={side}): {int(cut.sum()):,} of {total:,} residues ({100 * cut.sum() / max(total, 1):.1f}%) "
+            "are not trained")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class BatchSpec:
     """The global batch definition. `micro_batches_per_step` = world_size x accumulation."""

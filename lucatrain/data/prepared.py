@@ -7,7 +7,9 @@ recipe (`schema.PrepareRecipe`), applies the bad-record policy, gives each recor
     out_dir/data.arrow      Arrow IPC stream: sample_id, the recipe's columns (the base and LucaOne
                             recipes: obj_id, obj_type, seq, labels), modality masks, length
     out_dir/meta.json       version, fingerprint, recipe and its schema, counts per file and per
-                            type, options, the recipe's statistics, time
+                            type, options, the recipe's statistics, time; what a user should hear
+                            about: files of input directories that were left out, duplicate obj_ids,
+                            records typed `prot` that look like nucleotides (`warnings_of` says it)
     out_dir/rejects.jsonl   only with bad_records="skip": one {"path","line","reason"} per line
 
 Records are streamed in batches, so preparing millions of records never holds them all as
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -37,12 +40,17 @@ from lucatrain.data.sources import (
     formats,
     RecordError,
     detect_format,
+    guess_obj_type,
     iter_records,
     list_input_files,
 )
 
 PREPARED_VERSION = 2  # 2: labels checked by the family's recipe (LucaOne: per-task stats in meta.json)
 BAD_RECORD_POLICIES = ("fail", "skip")
+DUPLICATE_POLICIES = ("keep", "drop", "fail")
+_EXAMPLES = 3  # records named per warning in the log and in meta.json
+
+logger = logging.getLogger("lucatrain")
 
 DATA_FILE = "data.arrow"
 META_FILE = "meta.json"
@@ -90,16 +98,25 @@ def fingerprint_inputs(files: list[Path], options: dict) -> str:
     return digest.hexdigest()
 
 
-def _options(fmt: str = "auto", fasta_obj_type: str = "auto", bad_records: str = "fail") -> dict:
-    """The validated prepare options, with defaults filled in (they enter the fingerprint)."""
+def _options(fmt: str = "auto", fasta_obj_type: str = "auto", bad_records: str = "fail", duplicates: str = "keep") -> dict:
+    """The validated prepare options, with defaults filled in (see `_fingerprinted`)."""
     if bad_records not in BAD_RECORD_POLICIES:
         raise ValueError(f"bad_records must be one of {BAD_RECORD_POLICIES}, got {bad_records!r}")
+    if duplicates not in DUPLICATE_POLICIES:
+        raise ValueError(f"duplicates must be one of {DUPLICATE_POLICIES}, got {duplicates!r}")
     if fmt != "auto" and fmt not in formats():
         raise ValueError(f"fmt must be 'auto' or one of {list(formats())}, got {fmt!r}")
     if fasta_obj_type not in ("auto", "gene", "prot"):
         raise ValueError(f"fasta_obj_type must be 'auto', 'gene' or 'prot', got {fasta_obj_type!r}")
-    return {"fmt": fmt, "fasta_obj_type": fasta_obj_type, "bad_records": bad_records}
+    return {"fmt": fmt, "fasta_obj_type": fasta_obj_type, "bad_records": bad_records, "duplicates": duplicates}
 
+
+def _fingerprinted(options: dict, recipe: PrepareRecipe) -> dict:
+    """The options that change what is stored, hence the fingerprint (and with it the sample order).
+    `duplicates` does only when records are dropped: 'keep' and 'fail' store the same rows, and
+    datasets prepared before the option existed keep their fingerprint."""
+    stored = {k: v for k, v in options.items() if k != "duplicates" or v == "drop"}
+    return {**stored, **recipe.fingerprint_options()}
 
 # --------------------------------------------------------------------------------------------
 # Writing
@@ -108,8 +125,8 @@ def _options(fmt: str = "auto", fasta_obj_type: str = "auto", bad_records: str =
 class _BatchWriter:
     """Buffers records column-wise and writes them to an Arrow IPC stream in record batches.
 
-    Besides the Arrow file it keeps, per row, only the sample id and source line as numpy
-    chunks (16 bytes a row), for the duplicate-id check at the end.
+    Besides the Arrow file it keeps, per row, only the sample id, source line and a hash of the
+    obj_id as numpy chunks (24 bytes a row), for the duplicate checks at the end.
     """
 
     def __init__(self, path: Path, recipe: PrepareRecipe):
@@ -121,7 +138,9 @@ class _BatchWriter:
         self._chars = 0
         self._ids: list[np.ndarray] = []
         self._lines: list[np.ndarray] = []
+        self._obj_keys: list[np.ndarray] = []
         self._line_buffer: list[int] = []
+        self._obj_key_buffer: list[int] = []
         self.num_rows = 0
         self.residues = 0
         self.type_counts = {alphabet.GENE: 0, alphabet.PROT: 0}
@@ -141,6 +160,7 @@ class _BatchWriter:
             cols[f"{modality}_present"].append(row[modality] is not None)
         cols["length"].append(length)
         self._line_buffer.append(record.line)
+        self._obj_key_buffer.append(obj_id_key(record.obj_id))
         # Buffered bytes of text and blob columns (sequences, encoded images) bound a record batch's memory.
         self._chars += sum(len(v) for v in row.values() if isinstance(v, (str, bytes)))
         self.residues += length
@@ -158,62 +178,95 @@ class _BatchWriter:
         self._writer.write_batch(batch)
         self._ids.append(np.asarray(cols["sample_id"], dtype=np.int64))
         self._lines.append(np.asarray(self._line_buffer, dtype=np.int64))
+        self._obj_keys.append(np.asarray(self._obj_key_buffer, dtype=np.int64))
         for values in cols.values():
             values.clear()
         self._line_buffer.clear()
+        self._obj_key_buffer.clear()
         self._chars = 0
 
-    def close(self) -> tuple[np.ndarray, np.ndarray]:
-        """Flush, close the file, and return (sample_ids, lines) of all rows written."""
+    def close(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Flush, close the file, and return (sample_ids, lines, obj_id keys) of all rows written."""
         self.flush()
         self._writer.close()
         self._sink.close()
-        empty = np.zeros(0, dtype=np.int64)
-        ids = np.concatenate(self._ids) if self._ids else empty
-        lines = np.concatenate(self._lines) if self._lines else empty
-        return ids, lines
+
+        def joined(chunks):
+            return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+
+        return joined(self._ids), joined(self._lines), joined(self._obj_keys)
+
+
+def obj_id_key(obj_id: str) -> int:
+    """A 63-bit hash of an obj_id: duplicates are found by sorting these, not by holding the strings."""
+    digest = hashlib.blake2b(obj_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & _ID_MASK
 
 
 def _write_records(files: list[Path], staging: Path, options: dict, recipe: PrepareRecipe) -> dict:
     """Write every good record of `files` into `staging`; return the counts for meta.json.
 
     With bad_records="fail" the first RecordError is raised; with "skip" it goes to rejects.jsonl.
-    A record the recipe refuses (ValueError) is a bad record like one the reader refused.
+    A record the recipe refuses (ValueError) is a bad record like one the reader refused. With
+    duplicates="drop" a record whose obj_id came before is left out (the first one is kept).
     """
     recipe.start()
     writer = _BatchWriter(staging / DATA_FILE, recipe)
     rejects = None
     per_file = []
     file_row_ends = []  # cumulative row count after each file: maps a row back to its file
+    # Only for duplicates="drop": keys of the obj_ids written so far (about 70 bytes per record).
+    seen_keys: set[int] | None = set() if options["duplicates"] == "drop" else None
+    dropped: list[str] = []
+    dropped_count = 0
+    prot_like_gene: list[str] = []
+    prot_like_gene_count = 0
     try:
         for path in files:
             fmt = detect_format(path) if options["fmt"] == "auto" else options["fmt"]
             good = bad = 0
             for item in iter_records(path, fmt, options["fasta_obj_type"]):
                 if not isinstance(item, RecordError):
+                    if seen_keys is not None:
+                        key = obj_id_key(item.obj_id)
+                        if key in seen_keys:
+                            dropped_count += 1
+                            if len(dropped) < _EXAMPLES:
+                                dropped.append(f"{item.path}:{item.line} (obj_id {item.obj_id!r})")
+                            continue
+                        seen_keys.add(key)
                     try:
                         writer.add(item, sample_id_of(path.name, item.index, item.obj_id))
                         good += 1
-                        continue
                     except ValueError as err:
                         item = RecordError(item.path, item.line, str(err))
-                if isinstance(item, RecordError):
-                    if options["bad_records"] == "fail":
-                        raise item
-                    if rejects is None:
-                        rejects = open(staging / REJECTS_FILE, "w", encoding="utf-8")
-                    reject = {"path": item.path, "line": item.line, "reason": item.reason}
-                    rejects.write(json.dumps(reject) + "\n")
-                    bad += 1
+                    else:
+                        if item.obj_type == alphabet.PROT and guess_obj_type(item.seq) == alphabet.GENE:
+                            prot_like_gene_count += 1
+                            if len(prot_like_gene) < _EXAMPLES:
+                                prot_like_gene.append(f"{item.path}:{item.line} (obj_id {item.obj_id!r})")
+                        continue
+                if options["bad_records"] == "fail":
+                    raise item
+                if rejects is None:
+                    rejects = open(staging / REJECTS_FILE, "w", encoding="utf-8")
+                reject = {"path": item.path, "line": item.line, "reason": item.reason}
+                rejects.write(json.dumps(reject) + "\n")
+                bad += 1
             per_file.append(
                 {"path": str(path.resolve()), "format": fmt, "records": good, "rejected": bad}
             )
             file_row_ends.append(writer.num_rows)
     finally:
-        ids, lines = writer.close()
+        ids, lines, obj_keys = writer.close()
         if rejects is not None:
             rejects.close()
-    _check_unique_ids(ids, lines, files, np.asarray(file_row_ends), staging / DATA_FILE)
+    row_ends = np.asarray(file_row_ends)
+    _check_unique_ids(ids, lines, files, row_ends, staging / DATA_FILE)
+    if seen_keys is not None:
+        duplicates = {"policy": "drop", "records": dropped_count, "examples": dropped}
+    else:
+        duplicates = _duplicate_obj_ids(obj_keys, lines, files, row_ends, staging / DATA_FILE, options["duplicates"])
     return {
         "num_records": writer.num_rows,
         "num_rejected": sum(f["rejected"] for f in per_file),
@@ -223,11 +276,60 @@ def _write_records(files: list[Path], staging: Path, options: dict, recipe: Prep
             "prot": writer.type_counts[alphabet.PROT],
         },
         "total_residues": writer.residues,
+        "duplicate_obj_ids": duplicates,
+        "prot_like_nucleotides": {"records": prot_like_gene_count, "examples": prot_like_gene},
         "recipe": recipe.name,
         "recipe_options": recipe.fingerprint_options(),
         "schema": recipe.schema.to_json(),
         **recipe.meta(),
     }
+
+
+def _where(row: int, lines, files, file_row_ends, obj_ids) -> str:
+    file = files[int(np.searchsorted(file_row_ends, row, side="right"))]
+    return f"{file}:{lines[row]} (obj_id {obj_ids[int(row)].as_py()!r})"
+
+
+def _obj_id_column(data_path: Path):
+    with pa.memory_map(str(data_path)) as source:
+        return pa.ipc.open_stream(source).read_all().column("obj_id")
+
+
+def _duplicate_obj_ids(keys, lines, files, file_row_ends, data_path: Path, policy: str) -> dict:
+    """Rows sharing an obj_id (with policy 'keep' or 'fail'): counts and the first examples, or
+    ValueError naming both records of the first duplicate (policy 'fail').
+
+    A duplicate trains twice under two sample ids. It is found by sorting 63-bit hashes; the
+    examples are checked against the real strings, so a hash collision is never reported.
+    """
+    found = {"policy": policy, "records": 0, "ids": 0, "examples": []}
+    if keys.size < 2:
+        return found
+    order = np.argsort(keys, kind="stable")  # equal keys stay in row order
+    sorted_keys = keys[order]
+    repeat = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1]) + 1  # sorted positions of later copies
+    if repeat.size == 0:
+        return found
+    obj_ids = _obj_id_column(data_path)
+    first_of_group = np.searchsorted(sorted_keys, sorted_keys[repeat])  # the first copy's sorted position
+    pairs = sorted(zip(order[repeat].tolist(), order[first_of_group].tolist()))  # (later row, first row), input order
+    pairs = [(later, first) for later, first in pairs if obj_ids[later].as_py() == obj_ids[first].as_py()]
+    if not pairs:
+        return found
+    found["records"] = len(pairs)
+    found["ids"] = len({first for _, first in pairs})
+    found["examples"] = [
+        f"{_where(later, lines, files, file_row_ends, obj_ids)} repeats {_where(first, lines, files, file_row_ends, obj_ids)}"
+        for later, first in pairs[:_EXAMPLES]
+    ]
+    if policy == "fail":
+        raise _duplicates_refused(found)
+    return found
+
+
+def _duplicates_refused(found: dict) -> ValueError:
+    return ValueError(f"duplicate obj_id: {found['examples'][0]}; {found['records']} record(s) repeat an earlier obj_id. "
+                      "Remove them, or set data.duplicates=drop (keep the first) or keep (train each copy)")  # fmt: skip
 
 
 def _check_unique_ids(ids, lines, files, file_row_ends, data_path: Path) -> None:
@@ -246,24 +348,20 @@ def _check_unique_ids(ids, lines, files, file_row_ends, data_path: Path) -> None
     # Report the duplicate met first in input order: the pair whose later row comes earliest.
     # The stable sort keeps equal ids in row order, so order[k] < order[k + 1] in each pair.
     k = dup[np.argmin(order[dup + 1])]
-    rows = order[k], order[k + 1]
-    with pa.memory_map(str(data_path)) as source:
-        obj_ids = pa.ipc.open_stream(source).read_all().column("obj_id")
-        where = []
-        for row in rows:
-            file = files[int(np.searchsorted(file_row_ends, row, side="right"))]
-            where.append(f"{file}:{lines[row]} (obj_id {obj_ids[int(row)].as_py()!r})")
+    obj_ids = _obj_id_column(data_path)
+    where = [_where(row, lines, files, file_row_ends, obj_ids) for row in (order[k], order[k + 1])]
     raise ValueError(
         f"duplicate sample_id {int(sorted_ids[k])}: {where[0]} and {where[1]} "
         "(the same file name, record position and obj_id; is one file in the inputs twice?)"
     )
 
 
-def _write_meta(staging: Path, fingerprint: str, options: dict, counts: dict) -> None:
+def _write_meta(staging: Path, fingerprint: str, options: dict, counts: dict, skipped) -> None:
     meta = {
         "version": PREPARED_VERSION,
         "fingerprint": fingerprint,
         **counts,
+        "skipped_files": _skipped_json(skipped),
         "options": options,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -278,7 +376,43 @@ def _check_out_dir_free(out_dir: Path) -> None:
         raise ValueError(f"{out_dir} already exists and is not empty; remove it or choose another")
 
 
-def _prepare_files(files: list[Path], out_dir: Path, options: dict, fingerprint: str, recipe: PrepareRecipe):
+def _skipped_json(skipped) -> list[dict]:
+    return [{"path": str(path), "reason": reason} for path, reason in skipped]
+
+
+def warnings_of(data: PreparedDataset, skipped=None) -> list[str]:
+    """What a user must hear about a prepared dataset before training on it (one line each): files of
+    input directories that were left out (`skipped`: from this listing, else from meta.json),
+    duplicate obj_ids, records typed `prot` that look like nucleotides."""
+    meta, lines = data.meta, []
+    left_out = _skipped_json(skipped) if skipped is not None else meta.get("skipped_files", [])
+    if left_out:
+        named = "; ".join(f"{item['path']} ({item['reason']})" for item in left_out[:10])
+        more = f" and {len(left_out) - 10} more" if len(left_out) > 10 else ""
+        lines.append(f"{len(left_out)} file(s) in the input directories are not read: {named}{more}")
+    dup = meta.get("duplicate_obj_ids") or {}
+    if dup.get("records"):
+        if dup["policy"] == "drop":
+            lines.append(f"{dup['records']} record(s) repeating an earlier obj_id were dropped (data.duplicates=drop), "
+                         f"e.g. {'; '.join(dup['examples'])}")  # fmt: skip
+        else:
+            lines.append(f"{dup['records']} record(s) repeat the obj_id of an earlier one ({dup['ids']} obj_id(s)) and are "
+                         f"trained once per copy, e.g. {'; '.join(dup['examples'])}; data.duplicates=drop keeps "
+                         "only the first, data.duplicates=fail refuses them")  # fmt: skip
+    nucleotide = meta.get("prot_like_nucleotides") or {}
+    if nucleotide.get("records"):
+        lines.append(f"{nucleotide['records']} record(s) typed prot consist of nucleotide letters (>= 90% A/C/G/T/U/N) and "
+                     f"are trained as proteins, e.g. {'; '.join(nucleotide['examples'])}: check their obj_type")  # fmt: skip
+    return lines
+
+
+def _warn(data: PreparedDataset, skipped=None) -> PreparedDataset:
+    for line in warnings_of(data, skipped):
+        logger.warning("%s: %s", data.path, line)
+    return data
+
+
+def _prepare_files(files: list[Path], out_dir: Path, options: dict, fingerprint: str, recipe: PrepareRecipe, skipped=()):
     """Build the prepared dataset of `files` in a staging dir and move it to `out_dir`."""
     _check_out_dir_free(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -293,7 +427,7 @@ def _prepare_files(files: list[Path], out_dir: Path, options: dict, fingerprint:
                 f"no records in the inputs ({len(files)} file(s), "
                 f"{counts['num_rejected']} rejected): {', '.join(map(str, files))}"
             )
-        _write_meta(staging, fingerprint, options, counts)
+        _write_meta(staging, fingerprint, options, counts, skipped)
         try:
             os.replace(staging, out_dir)
         except OSError:
@@ -308,7 +442,8 @@ def _prepare_files(files: list[Path], out_dir: Path, options: dict, fingerprint:
     return load_prepared(out_dir)
 
 
-def prepare(inputs, out_dir, *, fmt="auto", fasta_obj_type="auto", bad_records="fail", recipe: PrepareRecipe = BASE_RECIPE):
+def prepare(inputs, out_dir, *, fmt="auto", fasta_obj_type="auto", bad_records="fail", duplicates="keep",
+            recipe: PrepareRecipe = BASE_RECIPE):  # fmt: skip
     """Read `inputs` (files and/or directories), validate, and write a prepared dataset.
 
     recipe: how records become rows (a model family's `prepare_recipe()`); the base recipe stores
@@ -317,14 +452,17 @@ def prepare(inputs, out_dir, *, fmt="auto", fasta_obj_type="auto", bad_records="
     fasta_obj_type: "auto", "gene" or "prot" (see sources.iter_records).
     bad_records: "fail" raises the first bad record (as RecordError 'PATH:LINE: reason');
     "skip" leaves it out and logs it to out_dir/rejects.jsonl.
-    Returns the loaded PreparedDataset.
+    duplicates: records sharing an obj_id: "keep" (warn, train each copy), "drop" (keep the first),
+    "fail" (ValueError naming both).
+    Returns the loaded PreparedDataset; what it left out or found suspicious is logged (`warnings_of`).
     """
-    options = _options(fmt, fasta_obj_type, bad_records)
-    files = list_input_files(inputs)
+    options = _options(fmt, fasta_obj_type, bad_records, duplicates)
+    skipped: list = []
+    files = list_input_files(inputs, skipped)
     _check_formats(files, options["fmt"], recipe)  # before hashing everything
     out_dir = Path(out_dir).expanduser()
-    fingerprint = fingerprint_inputs(files, {**options, **recipe.fingerprint_options()})
-    return _prepare_files(files, out_dir, options, fingerprint, recipe)
+    fingerprint = fingerprint_inputs(files, _fingerprinted(options, recipe))
+    return _warn(_prepare_files(files, out_dir, options, fingerprint, recipe, skipped), skipped)
 
 
 def _check_formats(files: list[Path], fmt: str, recipe: PrepareRecipe) -> None:
@@ -413,11 +551,12 @@ def prepare_or_load(inputs, cache_dir, recipe: PrepareRecipe = BASE_RECIPE, **op
                 f"{single} was prepared by the {data.recipe} recipe with {prepared_with[1]}; this run needs {recipe.name} "
                 f"with {recipe.fingerprint_options()}: pass the raw input files, or prepare them for this run's settings"
             )
-        return data
+        return _warn(data)
     opts = _options(**options)
-    files = list_input_files(inputs)
+    skipped: list = []
+    files = list_input_files(inputs, skipped)
     _check_formats(files, opts["fmt"], recipe)
-    fingerprint = fingerprint_inputs(files, {**opts, **recipe.fingerprint_options()})
+    fingerprint = fingerprint_inputs(files, _fingerprinted(opts, recipe))
     out_dir = Path(cache_dir).expanduser() / fingerprint[:16]
     if is_prepared(out_dir):
         dataset = load_prepared(out_dir)
@@ -426,8 +565,11 @@ def prepare_or_load(inputs, cache_dir, recipe: PrepareRecipe = BASE_RECIPE, **op
                 f"{out_dir} holds a prepared dataset with fingerprint {dataset.fingerprint}, "
                 f"expected {fingerprint}; remove it"
             )
-        return dataset
-    return _prepare_files(files, out_dir, opts, fingerprint, recipe)
+        found = dataset.meta.get("duplicate_obj_ids") or {}
+        if opts["duplicates"] == "fail" and found.get("records"):
+            raise _duplicates_refused(found)  # prepared earlier with 'keep' (the same fingerprint)
+        return _warn(dataset, skipped)
+    return _warn(_prepare_files(files, out_dir, opts, fingerprint, recipe, skipped), skipped)
 
 
 class PreparedDataset:

@@ -1,9 +1,10 @@
 """Readers that turn input files into validated `Record`s.
 
-Formats are registered in `SOURCES` (`register_source`): the LucaOne pretraining CSV, the
-sequence-label CSV of LucaOne's downstream tasks, FASTA, Swiss-Prot flat files, Parquet and JSON
-lines. A model family's prepare recipe says which of them it reads. Every reader yields, in file order, either a `Record` or a `RecordError`
-for a record that is malformed, so the caller decides whether one bad record fails the whole run
+Formats are registered in `SOURCES` (`register_source`): the LucaOne pretraining CSV (or TSV), the
+sequence-label CSV/TSV of LucaOne's downstream tasks, FASTA, FASTQ, Swiss-Prot flat files, Parquet
+and JSON lines; the text formats also compressed with gzip (.gz), bzip2 (.bz2) or xz (.xz). A model family's
+prepare recipe says which of them it reads. Every reader yields, in file order, either a `Record`
+or a `RecordError` for a record that is malformed, so the caller decides whether one bad record fails the whole run
 or is skipped and logged. Problems that make the whole file unreadable (missing file, wrong CSV
 header, unreadable Parquet, missing required columns) are raised instead.
 
@@ -18,12 +19,14 @@ runs whatever code a data file contains.
 from __future__ import annotations
 
 import ast
+import bz2
 import codecs
 import collections
 import csv
 import gzip
 import io
 import json
+import lzma
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -90,25 +93,37 @@ class Record:
 # Format detection and input listing
 
 
-def _strip_gz(name: str) -> tuple[str, bool]:
-    """(name without a trailing '.gz', whether it had one)."""
-    if name.lower().endswith(".gz"):
-        return name[:-3], True
-    return name, False
+# Compressed text inputs, by suffix: each opener reads the decompressed bytes as a stream.
+_COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _strip_compression(name: str) -> tuple[str, str | None]:
+    """(name without a compression suffix, that suffix or None)."""
+    for suffix in _COMPRESSIONS:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return name, None
 
 
 def _open_binary(path: Path):
-    """Open a file for binary reading, transparently decompressing '.gz'."""
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rb")
+    """Open a file for binary reading, transparently decompressing .gz, .bz2 and .xz."""
+    _, compression = _strip_compression(path.name)
+    if compression is not None:
+        return _COMPRESSIONS[compression](path, "rb")
     return open(path, "rb")
+
+
+def _delimiter(path: Path) -> str:
+    """The field separator of a CSV-family file: a tab for .tsv (also compressed), else a comma."""
+    name, _ = _strip_compression(path.name)
+    return "\t" if name.lower().endswith(".tsv") else ","
 
 
 def _starts_with(path: Path, prefix: bytes) -> bool:
     try:
         with _open_binary(path) as f:
             head = f.read(len(prefix) + 3)
-    except OSError:
+    except (OSError, EOFError, lzma.LZMAError):  # unreadable or not really compressed: no match
         return False
     return head.removeprefix(codecs.BOM_UTF8).startswith(prefix)
 
@@ -125,8 +140,8 @@ class Source:
     read: Callable[[Path, str], Iterator]
     """(path, fasta_obj_type) -> Record | RecordError per record, in file order."""
     extensions: tuple[str, ...]
-    gzip_ok: bool = True
-    """Whether `<name>.<ext>.gz` is read too (text formats; Parquet compresses internally)."""
+    compressed_ok: bool = True
+    """Whether `<name>.<ext>.gz|.bz2|.xz` is read too (text formats; Parquet compresses internally)."""
     sniff: Callable[[Path], bool] | None = None
     """For the extensions in `sniff_extensions`: does this file's start show this format?"""
     sniff_extensions: tuple[str, ...] = ()
@@ -152,15 +167,15 @@ def formats() -> tuple[str, ...]:
 
 def _known_extensions() -> str:
     exts = sorted({ext for source in SOURCES.values() for ext in source.extensions})
-    return ", ".join(exts) + " (text formats also with .gz; .txt only for Swiss-Prot)"
+    return ", ".join(exts) + " (text formats also as .gz, .bz2, .xz; .txt only for Swiss-Prot)"
 
 
 def detect_format(path) -> str:
     """The format of `path`, from its extension (and, where formats share one, its first line)."""
     path = Path(path)
-    name, gz = _strip_gz(path.name)
+    name, compression = _strip_compression(path.name)
     ext = Path(name).suffix.lower()
-    candidates = [s for s in SOURCES.values() if ext in s.extensions and (s.gzip_ok or not gz)]
+    candidates = [s for s in SOURCES.values() if ext in s.extensions and (s.compressed_ok or compression is None)]
     if not candidates:
         raise RecordError(path, None, f"unknown file extension; known: {_known_extensions()}")
     sniffing = [s for s in candidates if ext in s.sniff_extensions]
@@ -179,8 +194,10 @@ def _looks_prepared(directory: Path) -> bool:
     return (directory / "data.arrow").exists()
 
 
-def _files_under(directory: Path) -> list[Path]:
-    """Input files below `directory`, recursively, sorted; hidden entries are ignored."""
+def _files_under(directory: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
+    """Input files below `directory`, recursively, sorted; hidden entries are ignored. Every other
+    file that is not an input (a README, label lists, an unknown format) goes into `skipped` with
+    the reason, so the caller can say what was left out."""
     found = []
     for root, dirs, files in os.walk(directory):
         root_path = Path(root)
@@ -190,21 +207,26 @@ def _files_under(directory: Path) -> list[Path]:
                 continue
             try:
                 detect_format(root_path / name)
-            except RecordError:
-                continue  # not an input file (README, label lists, ...)
+            except RecordError as err:
+                unknown = err.reason.startswith("unknown file extension")
+                skipped.append((root_path / name, "not an input format" if unknown else err.reason))
+                continue
             found.append(root_path / name)
+    skipped.sort()
     return sorted(found)
 
 
-def list_input_files(inputs) -> list[Path]:
+def list_input_files(inputs, skipped: list[tuple[Path, str]] | None = None) -> list[Path]:
     """Expand `inputs` (paths to files or directories) into the list of input files.
 
     Files are kept as given and in the given order; a directory is expanded recursively to its
-    files with a known extension, sorted. Raises RecordError for a missing path, a directory
-    without input files, or a file listed twice (it would give every record twice).
+    files with a known extension, sorted. The files of a directory that are left out are appended
+    to `skipped` as (path, reason). Raises RecordError for a missing path, a directory without
+    input files, or a file listed twice (it would give every record twice).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    skipped = [] if skipped is None else skipped
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -215,11 +237,15 @@ def list_input_files(inputs) -> list[Path]:
                 raise RecordError(
                     path, None, "is a prepared dataset; pass it alone, not mixed with other inputs"
                 )
-            found = _files_under(path)
+            left_out: list[tuple[Path, str]] = []
+            found = _files_under(path, left_out)
             if not found:
+                named = "; ".join(f"{p.name}: {why}" for p, why in left_out[:5])
                 raise RecordError(
                     path, None, f"directory holds no input files; known: {_known_extensions()}"
+                    + (f" (left out: {named})" if named else ""),
                 )
+            skipped.extend(left_out)
             files.extend(found)
         else:
             files.append(path)
@@ -362,22 +388,25 @@ def _iter_seq_label_csv(path: Path, fasta_obj_type: str = "auto") -> Iterator[Re
 
 
 def _iter_csv(path: Path, expected_header: list[str], what: str) -> Iterator[Record | RecordError]:
-    """Rows of a 4-column CSV (id, type, sequence, label) with the given header."""
+    """Rows of a 4-column CSV (id, type, sequence, label) with the given header; .tsv: tab-separated."""
     # Sequences can be far longer than the csv module's default 131,072-character field limit.
     csv.field_size_limit(2**31 - 1)
+    delimiter = _delimiter(path)
+    if delimiter == "\t":
+        what = what.replace("CSV", "TSV")
     bad_lines: list[int] = []
     with _open_binary(path) as binary:
         lines = _decoded_lines(binary, bad_lines)
-        reader = csv.reader(lines)
+        reader = csv.reader(lines, delimiter=delimiter)
         try:
             header = next(reader, None)
         except csv.Error as e:
             raise RecordError(path, 1, f"cannot parse CSV header: {e}") from None
         if header != expected_header:
-            found = "empty file" if header is None else ",".join(header)
+            found = "empty file" if header is None else delimiter.join(header)
             raise RecordError(
                 path, 1 if header is not None else None,
-                f"bad {what} header {found!r}; expected {','.join(expected_header)!r}",
+                f"bad {what} header {found!r}; expected {delimiter.join(expected_header)!r}",
             )  # fmt: skip
         index = 0
         end = reader.line_num
@@ -407,7 +436,7 @@ def _iter_csv(path: Path, expected_header: list[str], what: str) -> Iterator[Rec
             index += 1
 
 
-def _fasta_obj_type(seq: str) -> int:
+def guess_obj_type(seq: str) -> int:
     """GENE if `seq` looks like nucleotides (see _GENE_CORE_FRACTION), else PROT."""
     raw = seq.upper().encode("ascii", errors="replace")
     if raw.translate(None, _GENE_LETTER_BYTES):
@@ -447,10 +476,53 @@ def _iter_fasta(path: Path, fasta_obj_type: str) -> Iterator[Record | RecordErro
             if index == 0 and stray is not None:
                 yield RecordError(path, stray, "text before the first '>' header")
             obj_id = title.split(maxsplit=1)[0] if title.strip() else ""
-            obj_type = forced if forced is not None else _fasta_obj_type(seq)
+            obj_type = forced if forced is not None else guess_obj_type(seq)
             yield _make_record(path, line, index, obj_id, obj_type, seq, None)
         if index == -1 and stray is not None:
             yield RecordError(path, stray, "no '>' header found: not a FASTA file")
+
+
+class _CountedLines:
+    """A text handle that counts the lines read through it (Biopython's FASTQ parser gives none)."""
+
+    def __init__(self, text):
+        self.text = text
+        self.consumed = 0
+
+    def read(self, size=-1):
+        return self.text.read(size)
+
+    def readline(self):
+        line = self.text.readline()
+        self.consumed += bool(line)
+        return line
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        line = next(self.text)
+        self.consumed += 1
+        return line
+
+
+def _iter_fastq(path: Path, fasta_obj_type: str) -> Iterator[Record | RecordError]:
+    """FASTQ reads (the quality string is not used); molecule type as for FASTA (`fasta_obj_type`)."""
+    from Bio.SeqIO.QualityIO import FastqGeneralIterator  # lazy: Biopython is slow to import
+
+    forced = None if fasta_obj_type == "auto" else _OBJ_TYPE_WORDS[fasta_obj_type]
+    with _open_binary(path) as binary:
+        text = _CountedLines(io.TextIOWrapper(binary, encoding="utf-8-sig", errors="replace"))
+        index, start = 0, 1
+        try:
+            for title, seq, _quality in FastqGeneralIterator(text):
+                obj_id = title.split(maxsplit=1)[0] if title.strip() else ""
+                obj_type = forced if forced is not None else guess_obj_type(seq)
+                yield _make_record(path, start, index, obj_id, obj_type, seq, None)
+                # The parser has already read the next record's '@' line: that is where it starts.
+                index, start = index + 1, text.consumed
+        except ValueError as err:  # the parser cannot resynchronise after a malformed record
+            raise RecordError(path, start, f"malformed FASTQ record: {err}") from None
 
 
 def _swissprot_record(path: Path, line: int, index: int, entry: str) -> Record | RecordError:
@@ -589,12 +661,17 @@ def iter_records(path, fmt: str = "auto", fasta_obj_type: str = "auto"):
 
 
 # The built-in formats. `.txt` is too generic to trust: it is Swiss-Prot only when the file starts
-# with an "ID   " line. `.csv` is a sequence-label CSV when its header says so, else LucaOne's.
-register_source(Source("seq_label_csv", _iter_seq_label_csv, (".csv",), sniff=lambda p: _starts_with(p, b"seq_id,seq_type,seq,label"),
-                       sniff_extensions=(".csv",)))  # fmt: skip
-register_source(Source("lucaone_csv", _iter_lucaone_csv, (".csv",)))
+# with an "ID   " line. `.csv`/`.tsv` is a sequence-label table when its header says so, else LucaOne's.
+def _is_seq_label_table(path: Path) -> bool:
+    return _starts_with(path, _delimiter(path).join(SEQ_LABEL_CSV_HEADER).encode())
+
+
+register_source(Source("seq_label_csv", _iter_seq_label_csv, (".csv", ".tsv"), sniff=_is_seq_label_table,
+                       sniff_extensions=(".csv", ".tsv")))  # fmt: skip
+register_source(Source("lucaone_csv", _iter_lucaone_csv, (".csv", ".tsv")))
 register_source(Source("fasta", _iter_fasta, (".fa", ".fasta", ".fna", ".faa", ".fas", ".ffn")))
+register_source(Source("fastq", _iter_fastq, (".fastq", ".fq")))
 register_source(Source("swissprot", _iter_swissprot, (".dat", ".swiss", ".sp", ".txt"), sniff=lambda p: _starts_with(p, b"ID   "),
                        sniff_extensions=(".txt",), sniff_hint="a .txt input must be a Swiss-Prot flat file starting with an 'ID   ' line"))  # fmt: skip
-register_source(Source("parquet", _iter_parquet, (".parquet",), gzip_ok=False))
+register_source(Source("parquet", _iter_parquet, (".parquet",), compressed_ok=False))
 register_source(Source("jsonl", _iter_jsonl, (".jsonl", ".json")))

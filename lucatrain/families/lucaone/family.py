@@ -28,7 +28,7 @@ from lucatrain.export import split_task_state, write_export
 from lucatrain.families import register_family
 from lucatrain.families.base import Family
 from lucatrain.families.lucaone.config import TasksConfig
-from lucatrain.families.lucaone.labels import LabelStats, TaskLabelEncoder, check_labels
+from lucatrain.families.lucaone.labels import LabelStats, TaskLabelEncoder, check_labels, spans_cut
 from lucatrain.families.lucaone.plan import TaskPlan, plan_tasks
 from lucatrain.families.lucaone.specs import TASK_NAMES, TASKS
 from lucatrain.families.lucaone.task import PretrainTask
@@ -42,7 +42,7 @@ class LucaOneRecipe(PrepareRecipe):
     """Gene/protein records whose labels are checked against LucaOne's task table at prepare time."""
 
     name = "lucaone"
-    formats = ("lucaone_csv", "fasta", "swissprot", "parquet", "jsonl")
+    formats = ("lucaone_csv", "fasta", "fastq", "swissprot", "parquet", "jsonl")
 
     def fingerprint_options(self) -> dict:
         return {}  # the fingerprint of datasets prepared before recipes existed, so their order is kept
@@ -112,6 +112,19 @@ class LucaOneFamily(Family):
             logger.warning("task %s is not trained: %s", name, why)
         if plan.unknown_label_keys:
             logger.warning("label entries that name no task are ignored: %s (tasks: %s)", plan.unknown_label_keys, list(TASKS))
+        self.log_spans_cut(train_data)
+
+    def log_spans_cut(self, data) -> None:
+        """Say how many spans of span tasks truncation drops or clips (only cut records are read)."""
+        cfg = self.cfg
+        cut_rows = np.flatnonzero(data.lengths > cfg.data.max_length - 2)
+        if not cut_rows.size or not any(TASKS[n].level == "span_level" for n in self.plan.names):
+            return
+        labels = data.rows(cut_rows, ["labels"])["labels"]
+        for name, (dropped, clipped) in spans_cut(labels, data.lengths[cut_rows], cfg.data.max_length, cfg.data.truncation,
+                                                  self.plan.names).items():  # fmt: skip
+            self.logger.info("task %s: truncation to data.max_length=%d drops %d span(s) and clips %d in the training data",
+                             name, cfg.data.max_length, dropped, clipped)  # fmt: skip
 
     def trainable_rows(self, data) -> np.ndarray:
         """Records of a molecule no trained task scores are left out (a protein-only run on mixed data)."""

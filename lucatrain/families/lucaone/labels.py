@@ -254,6 +254,27 @@ def encode_labels(label_texts, task_names, num_labels: dict[str, int], n_residue
     return out
 
 
+def spans_cut(label_texts, lengths, max_length: int, truncation: str, task_names) -> dict[str, tuple[int, int]]:
+    """Per span task: (spans dropped, spans clipped) by truncating records of `lengths` residues to
+    `max_length` tokens, with the arithmetic of `encode_labels`. Pass only the records that are cut."""
+    counts = {name: [0, 0] for name in task_names if TASKS[name].level == "span_level"}
+    keep = max_length - 2
+    for text, length in zip(label_texts, lengths):
+        if not text or text == "{}":
+            continue
+        spans = json.loads(text).get("span_level", {})
+        n = min(int(length), keep)
+        cut = int(length) - n if truncation == "left" else 0
+        for name, found in counts.items():
+            for start, end, _ in spans.get(name) or ():
+                lo, hi = max(start - cut, 0), min(end - cut, n - 1)
+                if lo > hi:
+                    found[0] += 1
+                elif (lo, hi) != (start - cut, end - cut):
+                    found[1] += 1
+    return {name: (dropped, clipped) for name, (dropped, clipped) in counts.items() if dropped or clipped}
+
+
 @dataclass(frozen=True)
 class TaskLabelEncoder:
     """The Collator's label hook for a run's LucaOne tasks (a picklable object, not a closure, so
