@@ -10,6 +10,32 @@
 #          LABEL_DIR (label files <task>.txt; default: label/ beside the train files)
 # TINY=1:  tiny sizes that run on 2 CPU cores in seconds (any variable set explicitly still wins).
 
+# Each variable and the override it becomes (`%s`: its value). CLI > YAML recipe > defaults.
+OVERRIDE_OF=(
+  "TRAIN_FILES data.train_files=[%s]" "DEV_FILES data.dev_files=[%s]" "MAX_LENGTH data.max_length=%s"
+  "worker_num data.num_workers=%s"
+  "HIDDEN_SIZE model.hidden_size=%s" "NUM_ATTENTION_LAYERS model.num_hidden_layers=%s"
+  "NUM_ATTENTION_HEADS model.num_attention_heads=%s" "model_dirpath model.model_dirpath=%s"
+  "init_first_n_layers model.init_first_n_layers=%s"
+  "pretrain_task_level_type tasks.level_types=%s" "pretrain_task_level_name tasks.names=%s"
+  "CLASSIFIER_SIZES tasks.classifier_sizes=%s" "LABEL_DIR tasks.label_dir=%s"
+  "OUTPUT_DIR train.output_dir=%s" "batch_size train.batch_size=%s"
+  "gradient_accumulation_steps train.gradient_accumulation_steps=%s"
+  "loss_logging_steps train.loss_logging_steps=%s" "logging_steps train.logging_steps=%s"
+  "eval_steps train.eval_steps=%s" "save_steps train.save_steps=%s" "warmup_steps train.warmup_steps=%s"
+  "max_steps train.max_steps=%s" "learning_rate train.learning_rate=%s" "lr2 train.lr2=%s"
+  "DS_CONFIG deepspeed.config=%s" "PRECISION deepspeed.precision=%s"
+)
+
+# The variables the caller set (environment or the calling script), before any default is filled in:
+# the continue script applies only these on top of the run's own config.yaml.
+SET_BY_CALLER=()
+for _entry in "${OVERRIDE_OF[@]}"; do
+  _name=${_entry%% *}
+  if [[ -n "${!_name+set}" ]]; then SET_BY_CALLER+=("$_name"); fi
+done
+unset _entry _name
+
 if [[ "${TINY:-0}" == 1 ]]; then
   : "${MAX_LENGTH:=130}" "${HIDDEN_SIZE:=64}" "${NUM_ATTENTION_LAYERS:=2}" "${NUM_ATTENTION_HEADS:=4}"
   : "${batch_size:=4}" "${gradient_accumulation_steps:=1}" "${max_steps:=20}" "${warmup_steps:=2}"
@@ -46,25 +72,26 @@ fi
 : "${init_first_n_layers:=false}"
 : "${EXTRA_ARGS:=}"   # more section.key=value overrides, space separated
 
-# The variables above as `section.key=value` overrides (CLI > YAML recipe > defaults).
-lucavirus_overrides() {
-  OVERRIDES=(
-    data.train_files="[$TRAIN_FILES]" data.dev_files="[$DEV_FILES]" data.max_length="$MAX_LENGTH"
-    data.num_workers="$worker_num"
-    model.hidden_size="$HIDDEN_SIZE" model.num_hidden_layers="$NUM_ATTENTION_LAYERS"
-    model.num_attention_heads="$NUM_ATTENTION_HEADS" model.model_dirpath="$model_dirpath"
-    model.init_first_n_layers="$init_first_n_layers"
-    tasks.level_types="$pretrain_task_level_type" tasks.names="$pretrain_task_level_name"
-    tasks.classifier_sizes="$CLASSIFIER_SIZES" tasks.label_dir="$LABEL_DIR"
-    train.output_dir="$OUTPUT_DIR" train.batch_size="$batch_size"
-    train.gradient_accumulation_steps="$gradient_accumulation_steps"
-    train.loss_logging_steps="$loss_logging_steps" train.logging_steps="$logging_steps"
-    train.eval_steps="$eval_steps" train.save_steps="$save_steps" train.warmup_steps="$warmup_steps"
-    train.max_steps="$max_steps" train.learning_rate="$learning_rate" train.lr2="$lr2"
-    deepspeed.config="$DS_CONFIG" deepspeed.precision="$PRECISION"
-  )
+# overrides_of NAME...: OVERRIDES=(the override of each named variable..., then EXTRA_ARGS).
+overrides_of() {
+  OVERRIDES=()
+  local entry name
+  for entry in "${OVERRIDE_OF[@]}"; do
+    name=${entry%% *}
+    if [[ " $* " == *" $name "* ]]; then
+      # shellcheck disable=SC2059  # the format comes from the table above
+      OVERRIDES+=("$(printf "${entry#* }" "${!name}")")
+    fi
+  done
   # shellcheck disable=SC2206  # EXTRA_ARGS is a list of words on purpose
   OVERRIDES+=($EXTRA_ARGS)
+}
+
+# Every variable as an override: what the run scripts launch.
+lucavirus_overrides() {
+  local names=() entry
+  for entry in "${OVERRIDE_OF[@]}"; do names+=("${entry%% *}"); done
+  overrides_of "${names[@]}"
 }
 
 # launch VERB ARGS...: `lucatrain VERB ARGS...` under the chosen launcher.

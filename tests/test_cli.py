@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, all_tasks_dataset, launch, read_history, remove_shm_buffers, tiny_overrides
 
@@ -113,6 +114,33 @@ def test_continue_script_after_a_kill_before_the_first_checkpoint_starts_afresh(
     assert result.returncode == 0, result.stderr[-4000:]
     log = (tmp_path / "run" / "logs" / "training.log").read_text()
     assert "no complete checkpoint" in log and "done: 4 steps" in log
+
+
+@pytest.mark.multiprocess
+def test_continue_script_continues_the_runs_own_config_with_only_what_is_set(tmp_path):
+    """Issue 9.9: the continue script's own defaults (run_multi_v1.0.sh's nine tasks, LucaVirus sizes) must
+    not replace what the run used: a protein-only tiny run continues with only max_steps and the learning rate
+    changed, no TINY, no sizes."""
+    env = _tiny_script_env(tmp_path, nproc_per_node="1", LAUNCHER="python", max_steps="3", save_steps="3", eval_steps="0")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    first = subprocess.run(["bash", "run_scripts/run_multi_v1.0_prot.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    before = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    plain = {k: v for k, v in os.environ.items() if k not in env or k in ("PATH", "HOME", "PYTHONPATH")}
+    plain.pop("CUDA_VISIBLE_DEVICES", None)
+    result = subprocess.run(["bash", "run_scripts/run_multi_v1.0_continue.sh"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**plain, "OUTPUT_DIR": str(tmp_path / "run"), "LAUNCHER": "python", "max_steps": "5",
+                                 "learning_rate": "1e-4", "lr2": "0"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "continuing" in result.stderr and "max_steps learning_rate lr2" in result.stderr
+    after = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert after["tasks"]["names"] == before["tasks"]["names"]  # the protein tasks, not the script's nine
+    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads")
+    assert [after["model"][k] for k in sizes] == [before["model"][k] for k in sizes] == [32, 2, 4]  # not LucaVirus's 2560
+    assert after["data"] == before["data"]
+    assert (after["train"]["max_steps"], after["train"]["learning_rate"], after["train"]["lr2"]) == (5, 1e-4, 0.0)
+    log = (tmp_path / "run" / "logs" / "training.log").read_text()
+    assert "resumed from" in log and "done: 5 steps" in log
 
 
 def _run_script(tmp_path, script, **env_values):
