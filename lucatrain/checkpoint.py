@@ -171,6 +171,13 @@ def maybe_fault(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def fault_at(point: str, step: int) -> bool:
+    """Test hook: whether LUCATRAIN_FAULT=<point>:<step>[,<step>...] names this step (e.g. nan:3,4)."""
+    fault = os.environ.get("LUCATRAIN_FAULT", "")
+    name, _, steps = fault.partition(":")
+    return name == point and str(step) in steps.split(",")
+
+
 def staging_dir(root: Path, step: int) -> Path:
     return root / f"{STAGING_PREFIX}{checkpoint_name(step)}"
 

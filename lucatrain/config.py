@@ -98,7 +98,14 @@ class TrainConfig:
     divergence_factor: float = 100.0
     """Stop the run (no checkpoint, no export) when a logged training loss exceeds this many times the
     lowest logged so far (a learning-rate typo: 7.5 -> 1e8); 0 = off. A non-finite loss, report value or
-    gradient norm stops it at any step."""
+    gradient norm stops it at any step (see `nonfinite`)."""
+    nonfinite: str = "stop"
+    """A step whose loss or gradients are not finite: 'stop' the run (nothing of it is saved), or 'skip'
+    the update as DeepSpeed's fp16 loss scaler does (the weights and optimizer state stay those of the
+    step before; its samples count as consumed; logged with the step and task). 'skip' needs DeepSpeed's
+    overflow check: deepspeed.precision=bf16 at ZeRO stage 1 or 2, or fp16."""
+    max_consecutive_skips: int = 10
+    """With `nonfinite=skip`: stop the run when this many steps in a row were skipped."""
 
     def validate(self) -> None:
         if not str(self.output_dir).strip():
@@ -126,6 +133,8 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"`train.{name}` must be in [0, 1), got {getattr(self, name)}")
         _check_positive("train.max_grad_norm", self.max_grad_norm, allow_zero=True)
+        _check_choice("train.nonfinite", self.nonfinite, ("stop", "skip"))
+        _check_positive("train.max_consecutive_skips", self.max_consecutive_skips)
         if self.divergence_factor != 0 and self.divergence_factor <= 1:
             raise ConfigError(f"`train.divergence_factor` must be > 1 (or 0 = off), got {self.divergence_factor}")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lucatrain import dist
+from lucatrain.checkpoint import fault_at
 from lucatrain.optim import lr_multiplier, param_groups
 
 # DeepSpeed still calls collectives that torch deprecated; the warning repeats every step.
@@ -116,7 +117,8 @@ def build_ds_config(cfg, world_size: int) -> dict:
     ds["train_batch_size"] = train.batch_size * train.gradient_accumulation_steps * world_size
     ds["gradient_clipping"] = train.max_grad_norm
     precision = cfg.deepspeed.precision
-    ds["bf16"] = {"enabled": precision == "bf16"}
+    # check_grad_overflow: ZeRO-1/2 then drop a bf16 step whose gradients are not finite (train.nonfinite=skip).
+    ds["bf16"] = {"enabled": precision == "bf16", "check_grad_overflow": train.nonfinite == "skip"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
     ds.setdefault("steps_per_print", 10**9)  # lucatrain does its own logging
     ds.setdefault("wall_clock_breakdown", False)
@@ -127,6 +129,13 @@ def build_ds_config(cfg, world_size: int) -> dict:
     for key, value in ds.items():
         if value == "auto":
             raise ValueError(f"{path}: key {key!r} is 'auto' but lucatrain has no value for it")
+    stage = ds["zero_optimization"].get("stage", 0)
+    if train.nonfinite == "skip" and not (precision == "fp16" or (precision == "bf16" and stage in (1, 2))):
+        raise ValueError(
+            f"`train.nonfinite=skip` needs DeepSpeed to drop a non-finite step, which it does with deepspeed.precision=bf16 at "
+            f"ZeRO stage 1 or 2, or with fp16; this run has {precision} at stage {stage} ({path.name}). Use one of those, "
+            "or train.nonfinite=stop"
+        )
     return ds
 
 
@@ -208,6 +217,8 @@ class Engine:
         gradients over ranks (we undo that by scaling with the world size), so the gradient is the
         exact gradient of the per-target mean over the global batch.
         """
+        if fault_at("nan", self.ds.global_steps + 1):  # test hook: this step's loss goes non-finite
+            loss = loss * float("nan")
         self.ds.backward(loss * self.world_size, scale_wrt_gas=False)
 
     def step(self) -> None:
@@ -317,6 +328,17 @@ class Engine:
             f"precision {self.cfg.deepspeed.precision} (DeepSpeed optimizer {type(optimizer).__name__}); editing only "
             "the working copy would be undone by the next step"
         )
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps DeepSpeed did not apply (fp16 loss-scale overflow, non-finite bf16 gradients)."""
+        return int(self.ds.skipped_steps)
+
+    def advance_schedule(self) -> None:
+        """Step the learning-rate schedule for an update DeepSpeed skipped (it does not), so the rate
+        stays a function of the optimizer step count, in an interrupted run and a resumed one alike."""
+        if self.ds.lr_scheduler is not None:
+            self.ds.lr_scheduler.step()
 
     def grad_norm(self) -> float | None:
         norm = self.ds.get_global_grad_norm()

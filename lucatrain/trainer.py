@@ -215,6 +215,7 @@ class Trainer:
         self.last_saved = -1
         self.stop_signal: int | None = None  # set by the SIGTERM/SIGINT handler while training
         self.lowest_loss: float | None = None  # of the logged training loss, for the divergence guard
+        self.consecutive_skips = 0  # steps in a row whose update train.nonfinite=skip dropped
         self.best_metric: float | None = None
         self.ledger = Ledger()
         self.history: list[dict] = []  # every logged window of this process, for tests and plots
@@ -359,9 +360,11 @@ class Trainer:
         for epoch, batch, position, micro_batches in self.steps():
             if self.global_step >= total:
                 break
+            skipped_before = self.engine.skipped_steps
             report = self.train_step(micro_batches)
-            interrupted = self.check_step(report, self.global_step + 1)
-            accumulate(window, report)
+            interrupted, applied = self.check_step(report, self.global_step + 1, skipped_before)
+            if applied:  # a skipped step's values are not finite, or not of an update
+                accumulate(window, report)
             self.global_step += 1
             window_steps += 1
             # Every rank knows the whole global batch, so the ledger needs no communication.
@@ -375,7 +378,7 @@ class Trainer:
             if self.global_step % cfg.loss_logging_steps == 0 or self.global_step == total:
                 summed = dist.all_reduce_dict(window, self.engine.device)
                 elapsed = time.perf_counter() - window_start
-                scalars = self.task.summarize(summed)
+                scalars = self.task.summarize(summed) if summed else {}  # empty: every step of the window was skipped
                 scalars["lr"] = self.engine.lr()
                 scalars["tokens_per_s"] = window_tokens / elapsed  # tokens: the `length` column, as batching counts them
                 scalars["samples_per_s"] = window_samples / elapsed
@@ -421,21 +424,42 @@ class Trainer:
             with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
 
-    def check_step(self, report: dict, step: int) -> bool:
-        """After every step, on every rank (one all-reduce of two flags, so all ranks decide alike):
-        stop before anything is saved when a report value or the gradient norm is not finite (this
-        step's update is already applied, so nothing of this run is committed from here on); return
-        True when a rank received SIGTERM or SIGINT (the run then commits a checkpoint and stops)."""
+    def check_step(self, report: dict, step: int, skipped_before: int) -> tuple[bool, bool]:
+        """After every step, on every rank (one all-reduce of two flags, so all ranks decide alike).
+
+        A report value or gradient norm that is not finite stops the run before anything is saved
+        (this step's update is applied, so nothing of this run is committed from here on), unless
+        `train.nonfinite=skip` and DeepSpeed dropped the update: the step is then logged as skipped,
+        up to `train.max_consecutive_skips` in a row. Returns (a rank received SIGTERM or SIGINT,
+        the update was applied)."""
+        skipped = self.engine.skipped_steps > skipped_before  # DeepSpeed's overflow decision: the same on every rank
         bad = sorted(k for k, v in report.items() if not np.all(np.isfinite(v)))
         norm = self.engine.grad_norm()
-        if norm is not None and not math.isfinite(norm):
+        # Under fp16 a skipped step is the loss scaler's routine (it lowers its scale); under bf16 DeepSpeed
+        # skips only when it found gradients that are not finite.
+        scaler_skip = skipped and self.cfg.deepspeed.precision == "fp16"
+        if (skipped or (norm is not None and not math.isfinite(norm))) and not scaler_skip:
             bad.append("grad_norm")
         flags = dist.all_reduce_dict({"bad": float(len(bad)), "signal": float(self.stop_signal is not None)}, self.engine.device)
+        interrupted = flags["signal"] > 0
+        if skipped:
+            self.engine.advance_schedule()
         if flags["bad"] == 0:
-            return flags["signal"] > 0
+            if not skipped:
+                self.consecutive_skips = 0
+            return interrupted, not skipped
         tasks = sorted({key.split("/")[0] for key in bad if "/" in key})
-        self.diverged(f"step {step}: non-finite {', '.join(bad) or 'values on another rank'}"
-                      + (f" (task {', '.join(tasks)})" if tasks else ""))  # fmt: skip
+        what = f"step {step}: non-finite {', '.join(bad) or 'values on another rank'}" + (f" (task {', '.join(tasks)})" if tasks else "")
+        if not skipped or self.cfg.train.nonfinite != "skip":
+            self.diverged(what)
+        self.consecutive_skips += 1
+        limit = self.cfg.train.max_consecutive_skips
+        if self.consecutive_skips >= limit:
+            self.diverged(f"{what}, {limit} skipped steps in a row (train.max_consecutive_skips)")
+        self.logger.warning("%s; the update was skipped (train.nonfinite=skip): weights and optimizer state are unchanged, "
+                            "its samples count as consumed", what)  # fmt: skip
+        self.log_history({"step": step, "skipped": what})
+        return interrupted, False
 
     def stop_after_signal(self, monitor: Monitor) -> None:
         """SIGTERM/SIGINT: the step is done; commit it (unless just saved) and end with an error."""

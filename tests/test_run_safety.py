@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import read_history, tiny_overrides
 from lucatrain.cli import main as cli_main
@@ -224,3 +225,66 @@ def test_an_output_dir_that_cannot_be_created_names_the_path(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(ValueError, match=r"`train.output_dir=.*a_file/run` cannot be used: "):
         Trainer(load_config("demo_tiny", tiny_overrides(tmp_path, **{"train.output_dir": blocker / "run"})))
+
+
+# ------------------------------------------------------------------ train.nonfinite=skip
+
+
+def _bf16_run(tmp_path, name, **extra):
+    return short_run(tmp_path / name, **{"deepspeed.precision": "bf16", "deepspeed.config": "zero2", "train.save_steps": 0, **extra})
+
+
+def _weights(run) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "last" / "model.safetensors"))
+
+
+def test_nonfinite_skip_drops_the_update_and_trains_on(tmp_path, monkeypatch):
+    """A step whose gradients are NaN (injected into its loss) is skipped as DeepSpeed's fp16 loss scaler
+    would: the weights after it are bitwise those of the step before, and the run goes on."""
+    Trainer(_bf16_run(tmp_path, "reference", **{"train.max_steps": 2})).train()
+    monkeypatch.setenv("LUCATRAIN_FAULT", "nan:3")
+    skipping = Trainer(_bf16_run(tmp_path, "skipping", **{"train.max_steps": 3, "train.nonfinite": "skip"}))
+    result = skipping.train()
+    reference, skipped = _weights(tmp_path / "reference" / "run"), _weights(tmp_path / "skipping" / "run")
+    assert all(torch.equal(reference[k], skipped[k]) for k in reference)
+    assert [h["skipped"] for h in result["history"] if "skipped" in h] == ["step 3: non-finite grad_norm"]
+    assert skipping.ledger.samples_seen == 3 * 4  # its samples count as consumed
+    log = (tmp_path / "skipping" / "run" / "logs" / "training.log").read_text()
+    assert "step 3: non-finite grad_norm; the update was skipped (train.nonfinite=skip)" in log and "done: 3 steps" in log
+    # One step later the run trains again: the fourth step's update is applied.
+    monkeypatch.setenv("LUCATRAIN_FAULT", "nan:3")
+    more = Trainer(_bf16_run(tmp_path, "on", **{"train.max_steps": 4, "train.nonfinite": "skip"}))
+    more.train()
+    on = _weights(tmp_path / "on" / "run")
+    assert more.engine.skipped_steps == 1 and any(not torch.equal(on[k], reference[k]) for k in reference)
+
+
+def test_nonfinite_stop_is_the_default_for_the_same_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("LUCATRAIN_FAULT", "nan:3")
+    from lucatrain.errors import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step 3: non-finite grad_norm"):
+        Trainer(_bf16_run(tmp_path, "stop", **{"train.max_steps": 4})).train()
+
+
+def test_too_many_skipped_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    from lucatrain.errors import TrainingDiverged
+
+    monkeypatch.setenv("LUCATRAIN_FAULT", "nan:2,3")
+    cfg = _bf16_run(tmp_path, "persistent", **{"train.max_steps": 4, "train.nonfinite": "skip", "train.max_consecutive_skips": 2,
+                                                "train.save_steps": 1})  # fmt: skip
+    with pytest.raises(TrainingDiverged, match=r"step 3: non-finite grad_norm, 2 skipped steps in a row \(train.max_consecutive_skips\)"):
+        Trainer(cfg).train()
+    run = tmp_path / "persistent" / "run"
+    assert (run / "checkpoints" / "latest").read_text() == "step-000002"  # step 2 was skipped but is not NaN: it commits
+    assert not (run / "last").exists()
+
+
+@pytest.mark.parametrize("precision, zero", [("fp32", "zero2"), ("bf16", "zero3"), ("bf16", "zero0")])
+def test_nonfinite_skip_is_refused_where_deepspeed_cannot_drop_a_step(tmp_path, precision, zero):
+    cfg = short_run(tmp_path, **{"deepspeed.precision": precision, "deepspeed.config": zero, "train.nonfinite": "skip"})
+    with pytest.raises(ValueError, match=rf"`train.nonfinite=skip` needs DeepSpeed to drop a non-finite step.*this run has {precision} at stage {zero[-1]}"):
+        Trainer(cfg)
+    assert not (tmp_path / "run" / "config.yaml").exists()
