@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     aud.add_argument("--compare", default=None, help="another run: did both consume the same ids in the same order?")
 
     exp = verbs.add_parser("export", help="write a checkpoint's encoder (and task heads) for downstream use")
-    exp.add_argument("source", help="a run directory (its latest complete checkpoint) or a checkpoint directory")
+    exp.add_argument("source", help="a run directory (its latest complete checkpoint), a checkpoint directory, or a LucaOne checkpoint-step<N>/")
     exp.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, ...)")
     exp.add_argument("--heads", action="store_true", help="also write heads.safetensors and heads.json")
 
@@ -96,12 +96,21 @@ def _ledger_of(run_or_checkpoint: str):
 
 
 def _export(args) -> int:
-    from lucatrain.export import export_checkpoint
+    from lucatrain.export import export_checkpoint, export_lucaone_checkpoint
+    from lucatrain.models.lucaone_checkpoint import is_lucaone_checkpoint
 
-    path = _checkpoint_of(args.source)
     out_dir = Path(args.out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"--out {out_dir} is not empty; choose a new directory or remove it (an export never mixes with other files)")
+    if is_lucaone_checkpoint(args.source):  # LucaOne's own checkpoint-step<N>/: no training run needed
+        if args.heads:
+            raise ValueError(f"{args.source} is a LucaOne checkpoint: its task heads need their label files to be named, which "
+                             "a run provides (start one with model.model_dirpath and train.max_steps=1); export the encoder "
+                             "without --heads")  # fmt: skip
+        out = export_lucaone_checkpoint(args.source, out_dir)
+        print(f"exported {args.source} -> {out} (the encoder of a LucaOne checkpoint)")
+        return 0
+    path = _checkpoint_of(args.source)
     out = export_checkpoint(path, args.out, with_heads=args.heads)
     print(f"exported {path} -> {out}" + (" (with task heads)" if args.heads else ""))
     return 0

@@ -2,6 +2,7 @@
 
     from lucatrain.embed import embed_file
     ids, vectors = embed_file("runs/demo/best", "proteins.fasta", pooling="mean")   # (N, H) float32
+    ids, vectors = embed_file("lucaone/checkpoint-step36000000", "proteins.fasta")  # a LucaOne checkpoint
 
 Records are read with the same readers as training (FASTA, LucaOne CSV, Swiss-Prot, Parquet,
 JSONL), tokenized and padded by the same Collator (no masking), and run through the encoder in
@@ -17,6 +18,7 @@ import torch
 
 from lucatrain.data.collate import Collator
 from lucatrain.data.sources import RecordError, iter_records
+from lucatrain.models.encoder import load_encoder
 from lucatrain.models.lucagplm import LucaGPLM
 
 POOLINGS = ("cls", "mean")
@@ -67,8 +69,10 @@ def embed_records(
 def embed_file(
     model_dir: str | Path, path: str | Path, *, fmt: str = "auto", fasta_obj_type: str = "auto", **kwargs
 ) -> tuple[list[str], np.ndarray]:
-    """(record ids, (N, H) embeddings) for every record of `path`; a bad record raises naming its line."""
-    model = LucaGPLM.from_pretrained(model_dir)
+    """(record ids, (N, H) embeddings) for every record of `path`; a bad record raises naming its line.
+
+    model_dir: a lucatrain export (a run's best/ or last/) or a LucaOne/LucaVirus checkpoint-step<N>/."""
+    model, _ = load_encoder(model_dir)
     ids, seqs, types = [], [], []
     for record in iter_records(path, fmt=fmt, fasta_obj_type=fasta_obj_type):
         if isinstance(record, RecordError):

@@ -109,3 +109,11 @@ def export_checkpoint(checkpoint_dir, out_dir, with_heads: bool = False, tag: st
     family = get_family(info.get("family", "lucaone_gplm"))  # checkpoints before families were LucaOne's
     family.export(Path(out_dir), checkpoint_state_dict(checkpoint_dir, tag), info, with_heads=with_heads)
     return Path(out_dir)
+
+
+def export_lucaone_checkpoint(checkpoint_dir, out_dir) -> Path:
+    """A LucaOne/LucaVirus `checkpoint-step<N>/` -> an export of its encoder (transformers-loadable)."""
+    from lucatrain.models.lucaone_checkpoint import model_from_lucaone_checkpoint
+
+    model, _ = model_from_lucaone_checkpoint(checkpoint_dir)
+    return write_export(out_dir, model.config, model.state_dict())

@@ -7,7 +7,9 @@ come from a reference forward pass computed directly from the raw checkpoint ten
 
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -421,3 +423,47 @@ def test_learned_positions_follow_the_config(tmp_path):
     report = load_lucaone_checkpoint(tmp_path / "c", rotary_only)
     assert "no_position_embeddings" in report.skipped_heads["embed_pos.weight"]
     assert any("no_position_embeddings" in m and "differ" in m for m in report.messages)
+
+
+# ------------------------------------------------------------------ export and embeddings without a run
+
+
+def test_export_straight_from_a_lucaone_checkpoint(ckpt, tmp_path, capsys):
+    from lucatrain.cli import main as cli_main
+
+    directory, _ = ckpt
+    out = tmp_path / "export"
+    assert cli_main(["export", str(directory), "--out", str(out)]) == 0
+    assert "the encoder of a LucaOne checkpoint" in capsys.readouterr().out
+    exported = LucaGPLM.from_pretrained(out).eval()
+    direct, _ = model_from_lucaone_checkpoint(directory)
+    ids = torch.tensor([[1, 5, 6, 7, 8, 2]])
+    types, mask = torch.zeros_like(ids), torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.equal(exported(ids, types, mask), direct.eval()(ids, types, mask))
+    assert (out / "modeling_lucagplm.py").is_file()  # transformers-loadable as a run's export
+    # Heads need their label names, which only a run has: refused with the way to get them.
+    assert cli_main(["export", str(directory), "--out", str(tmp_path / "heads"), "--heads"]) == 2
+    assert "export the encoder without --heads" in capsys.readouterr().err
+
+
+def test_embeddings_straight_from_a_lucaone_checkpoint(ckpt, tmp_path):
+    from lucatrain.embed import embed_file, embed_records
+    from lucatrain.data.sources import iter_records
+
+    directory, _ = ckpt
+    fasta = Path(__file__).resolve().parents[1] / "examples" / "data" / "rrna_genes.fasta"
+    ids, vectors = embed_file(directory, fasta, max_length=64)
+    records = list(iter_records(fasta))
+    model, _ = model_from_lucaone_checkpoint(directory)
+    expected = embed_records(model, [r.seq for r in records], [r.obj_type for r in records], max_length=64)
+    assert ids == [r.obj_id for r in records] and np.array_equal(vectors, expected)
+
+
+def test_embeddings_of_a_run_directory_name_its_exports(tmp_path):
+    from lucatrain.embed import embed_file
+
+    (tmp_path / "run" / "best").mkdir(parents=True)
+    (tmp_path / "run" / "best" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"run is a run directory; use its export .*run/best"):
+        embed_file(tmp_path / "run", tmp_path / "x.fasta")

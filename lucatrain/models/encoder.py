@@ -31,6 +31,23 @@ def encoder_of_checkpoint(checkpoint_dir: Path, cfg) -> LucaGPLM:
     return LucaGPLM(LucaGPLMConfig(**{**info["encoder_config"], **training_choices(cfg)}))
 
 
+def load_encoder(directory) -> tuple[LucaGPLM, LoadReport | None]:
+    """The trained encoder in `directory`, for inference: a lucatrain export (config.json +
+    model.safetensors, e.g. a run's best/ or last/) or a LucaOne/LucaVirus `checkpoint-step<N>/`
+    (config.json + pytorch.pth; the LoadReport says what was loaded). A run directory is refused
+    naming its exports."""
+    directory = Path(directory)
+    if is_lucaone_checkpoint(directory):
+        return model_from_lucaone_checkpoint(directory)
+    if not (directory / "config.json").is_file():
+        exports = [name for name in ("best", "last") if (directory / name / "config.json").is_file()]
+        if exports:
+            raise FileNotFoundError(f"{directory} is a run directory; use its export {' or '.join(str(directory / e) for e in exports)}")
+        raise FileNotFoundError(f"{directory} holds no encoder: expected a lucatrain export (config.json + model.safetensors) or a "
+                                "LucaOne checkpoint directory (config.json + pytorch.pth)")  # fmt: skip
+    return LucaGPLM.from_pretrained(directory), None
+
+
 def record_encoder(cfg, config: LucaGPLMConfig, logger, source: str) -> None:
     """Make `cfg.model` say what the encoder really is (config.yaml is written from it), and log every
     recipe value that the encoder's own (from `source`) replaced."""
