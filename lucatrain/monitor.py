@@ -18,6 +18,24 @@ def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Console log lines that never land inside the progress bar: while a bar is shown they go
+    through `tqdm.write`, which clears the bar, writes the line and redraws the bar below it."""
+
+    bar_shown = False  # set by Monitor for the lifetime of its bar
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not ConsoleHandler.bar_shown:
+            super().emit(record)
+            return
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001  (logging's own contract: report, never raise from emit)
+            self.handleError(record)
+
+
 def setup_logging(run_dir: Path | None, level: str = "INFO") -> logging.Logger:
     """Console + logs/training.log on rank 0; warnings and errors only on other ranks."""
     logger = get_logger()
@@ -25,7 +43,7 @@ def setup_logging(run_dir: Path | None, level: str = "INFO") -> logging.Logger:
     logger.propagate = False
     logger.setLevel(level if dist.is_main() else "WARNING")
     fmt = logging.Formatter(f"%(asctime)s [rank{dist.rank()}] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)
+    console = ConsoleHandler(sys.stderr)
     console.setFormatter(fmt)
     logger.addHandler(console)
     if run_dir is not None and dist.is_main():
@@ -53,6 +71,7 @@ class Monitor:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+            ConsoleHandler.bar_shown = True
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         """One TensorBoard scalar per key (e.g. 'train/gene_mask/loss') and one log line."""
@@ -73,9 +92,12 @@ class Monitor:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+            ConsoleHandler.bar_shown = False
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+            self.writer = None
 
 
 def _fmt(value: float) -> str:

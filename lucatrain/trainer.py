@@ -216,6 +216,7 @@ class Trainer:
         self.stop_signal: int | None = None  # set by the SIGTERM/SIGINT handler while training
         self.lowest_loss: float | None = None  # of the logged training loss, for the divergence guard
         self.consecutive_skips = 0  # steps in a row whose update train.nonfinite=skip dropped
+        self.monitor: Monitor | None = None
         self.best_metric: float | None = None
         self.ledger = Ledger()
         self.history: list[dict] = []  # every logged window of this process, for tests and plots
@@ -327,19 +328,19 @@ class Trainer:
         """Train to the end, or until SIGTERM/SIGINT (a scheduler's notice, Ctrl-C): the current
         optimizer step finishes, a checkpoint is committed, and `TrainingInterrupted` is raised. A
         second signal ends the process at once."""
-        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-            return self._train()
-
         def note(signum, frame):
             self.stop_signal = signum
             signal.signal(signum, signal.SIG_DFL)
 
-        previous = {signum: signal.signal(signum, note) for signum in (signal.SIGTERM, signal.SIGINT)}
+        on_main_thread = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+        previous = {signum: signal.signal(signum, note) for signum in (signal.SIGTERM, signal.SIGINT)} if on_main_thread else {}
         try:
             return self._train()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            if self.monitor is not None:  # a failed run too: the bar goes, log lines are plain again
+                self.monitor.close()
 
     def _train(self) -> dict:
         cfg = self.cfg.train
@@ -353,7 +354,7 @@ class Trainer:
                 "Raise train.max_steps to train on.", self.global_step, total, cfg.max_steps, cfg.num_train_epochs,
             )  # fmt: skip
             return {"history": [], "global_step": self.global_step}
-        monitor = Monitor(self.run_dir, total, self.cfg.logger.tensorboard, cfg.progress_bar and dist.is_main(), self.global_step)
+        monitor = self.monitor = Monitor(self.run_dir, total, self.cfg.logger.tensorboard, cfg.progress_bar and dist.is_main(), self.global_step)
         window: dict[str, float] = {}
         window_start, window_steps, window_samples, window_tokens = time.perf_counter(), 0, 0, 0
         self.engine.train()

@@ -231,3 +231,25 @@ def test_zero0_bf16_exports_the_fp32_masters(tmp_path):
     assert set(offline) == set(live)
     for key in live:
         torch.testing.assert_close(offline[key], live[key], rtol=0, atol=0, msg=key)
+
+
+def test_log_lines_never_land_inside_the_progress_bar(tmp_path, capsys):
+    """Issue 9: with the tqdm bar shown, each console log line starts on a line of its own (before: the
+    bar's text and a log line shared one line)."""
+    from lucatrain.monitor import ConsoleHandler, Monitor, setup_logging
+
+    logger = setup_logging(tmp_path)
+    monitor = Monitor(tmp_path, total_steps=4, use_tensorboard=False, progress_bar=True)
+    monitor.advance(1, {"loss": 3.2})
+    logger.info("first line while the bar is shown")
+    monitor.advance(1, {"loss": 3.1})
+    logger.warning("second line while the bar is shown")
+    monitor.close()
+    assert not ConsoleHandler.bar_shown
+    logger.info("a line after the bar")
+    err = capsys.readouterr().err
+    for text in ("first line while", "second line while", "a line after the bar"):
+        [line] = [line for line in err.split("\n") if text in line]
+        shown = line.split("\r")[-1]  # what a terminal shows: the text after the last carriage return
+        assert shown.startswith("20") and "[rank0]" in shown and "train:" not in shown, repr(line)
+    setup_logging(None)
