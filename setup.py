@@ -29,6 +29,7 @@ setup(
         "tensorboard>=2.14",
         "pyyaml>=6",
         "tqdm>=4.60",
+        "faiss-cpu>=1.7",  # retrieval evaluation of the contrastive family (lucatrain/retrieval.py)
     ],
     extras_require={"test": ["pytest>=7", "Pillow>=9"]},
     entry_points={"console_scripts": ["lucatrain=lucatrain.cli:main"]},

@@ -190,3 +190,33 @@ def all_tasks_dataset(directory: Path, genes: int = 12, proteins: int = 12) -> P
 ALL_TASKS = ["gene_mask", "prot_mask", "gene_type", "prot_homo", "prot_site", "prot_domain",
              "gene_taxonomy", "prot_taxonomy", "prot_keyword", "prot_structure"]  # fmt: skip
 SMALL_HEADS = "{" + ", ".join(f"{t}: 16" for t in ALL_TASKS[2:]) + "}"
+
+
+def spawn_ranks(worker, args, port: int, world: int = 2, timeout: float = 120) -> None:
+    """Run `worker(rank, *args)` on `world` processes (torch.multiprocessing); fail (and kill them) past
+    `timeout` seconds. A rank that raises ends the run at once: torch stops the other ranks (which may
+    wait in a collective the failed rank will never join) and re-raises here with its traceback."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=args, nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    if process.is_alive():
+                        process.kill()
+                pytest.fail(f"{worker.__name__} did not finish within {timeout}s (a collective hung?)")
+    finally:
+        remove_shm_buffers(port)
+
+
+def join_group(rank: int, port: int, world: int = 2) -> None:
+    """The environment of rank `rank` of `world` on this host (then `init_process_group("gloo")`)."""
+    import torch
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)  # the ranks share the cores

@@ -7,17 +7,15 @@ Each test spawns its ranks once and passes results back through files; the paren
 import json
 import math
 import os
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import _free_port, remove_shm_buffers
+from conftest import _free_port, join_group, spawn_ranks
 from lucatrain import dist
 
 pytestmark = pytest.mark.multiprocess
@@ -28,28 +26,11 @@ SPLITS = [(4, 4), (3, 5), (0, 8)]  # rows per rank; (0, 8): a rank with no rows 
 
 
 def _spawn(worker, args, port, timeout=120):
-    """Run `worker(rank, *args)` on WORLD processes; fail (and kill them) past `timeout` seconds.
-
-    A rank that raises ends the run at once: torch stops the other ranks (which may be waiting in a
-    collective the failed rank will never join) and re-raises here with the child's traceback.
-    """
-    context = mp.spawn(worker, args=args, nprocs=WORLD, join=False)
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    if process.is_alive():
-                        process.kill()
-                pytest.fail(f"{worker.__name__} did not finish within {timeout}s (a collective hung?)")
-    finally:
-        remove_shm_buffers(port)
+    spawn_ranks(worker, args, port, WORLD, timeout)
 
 
 def _join_group(rank: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    torch.set_num_threads(1)  # two ranks on two cores
+    join_group(rank, port, WORLD)
 
 
 # --- all_gather_with_grad: symmetric InfoNCE with global negatives ---------------------------------

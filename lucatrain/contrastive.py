@@ -1,0 +1,184 @@
+"""Symmetric InfoNCE (CLIP) over a graph of modality pairs, exact at any world size.
+
+    loss_fn = ContrastiveLoss(pair_graph(["image", "dna", "text"]), Gathering(all_gather=True, gather_with_grad=True))
+    share, report = loss_fn(embeddings, present, logit_scale)      # on every rank, every micro-batch
+
+`embeddings[m]` is this rank's (B_local, D) batch of L2-normalised embeddings of modality `m`;
+`present[m]` (B_local,) bool says which samples have that modality (rows of absent samples are
+ignored, whatever they hold). For a pair (a, b) only the samples with both take part: their logits
+are `exp(logit_scale) * a @ b.T` in fp32, and the pair's loss is the mean of the cross entropy of
+each row against its own column (a -> b) and of each column against its own row (b -> a), over
+those samples. The loss is the mean over the pairs. With `labels` (multi-positive), samples that
+share a label (species, BIN) are all positives of one another, the target row normalised to sum 1.
+
+What every rank returns is its **share**: the shares of all ranks sum, in value and in gradient
+(every parameter and `logit_scale`), to the loss of the whole global batch as one process would
+compute it, which is the contract of `Engine.backward` (it sums gradients over ranks). Batches may
+differ in size between ranks (sizes are exchanged, each rank's rows sit at its prefix-sum offset).
+
+Gathering, with open_clip's meaning of the three switches:
+
+    all_gather  gather_with_grad  local_loss   negatives   share of rank r                 exact
+    False       -                 -            local only  its local loss / world size     no: fewer negatives (the mean of the ranks' local losses)
+    True        True              False        global      global loss / world size        yes
+    True        True              True         global      its rows' terms of the global    yes (open_clip's cheapest exact mode:
+                                                           loss                            a B_local x N block per rank)
+    True        False             False        global      global loss, gradient through   yes (other ranks' rows enter without
+                                                           its own rows only               gradient; each rank's own rows carry it)
+    True        False             True         global      its rows' terms                 value yes; gradient no: a sample's
+                                                                                           terms as another rank's negative
+                                                                                           never reach it
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lucatrain import dist
+
+
+@dataclass(frozen=True)
+class Gathering:
+    """How embeddings of other ranks take part (module docstring)."""
+
+    all_gather: bool = True
+    gather_with_grad: bool = True
+    local_loss: bool = False
+
+    @property
+    def exact(self) -> bool:
+        """Whether loss and gradients equal those of the whole global batch in one process."""
+        return self.all_gather and (self.gather_with_grad or not self.local_loss)
+
+
+def pair_graph(modalities, bind_to: str | None = None, exclude=()) -> list[tuple[str, str]]:
+    """The modality pairs a loss aligns: every pair (in the given order), or with `bind_to` only the
+    pairs with that anchor; `exclude` drops pairs in either order (e.g. [("image", "text")])."""
+    modalities = list(modalities)
+    if len(set(modalities)) != len(modalities):
+        raise ValueError(f"modalities must be distinct, got {modalities}")
+    if bind_to is not None and bind_to not in modalities:
+        raise ValueError(f"bind_to {bind_to!r} is not one of the modalities {modalities}")
+    dropped = {frozenset(pair) for pair in exclude}
+    for pair in dropped:
+        unknown = sorted(set(pair) - set(modalities))
+        if unknown or len(pair) != 2:
+            raise ValueError(f"exclude: {sorted(pair)} is not a pair of the modalities {modalities}")
+    pairs = []
+    for a, b in itertools.combinations(modalities, 2):
+        if bind_to is not None and bind_to not in (a, b):
+            continue
+        if frozenset((a, b)) in dropped:
+            continue
+        pairs.append((bind_to, b if a == bind_to else a) if bind_to is not None else (a, b))
+    if not pairs:
+        raise ValueError(f"no modality pairs left to align (modalities {modalities}, bind_to {bind_to}, exclude {list(exclude)})")
+    return pairs
+
+
+class ContrastiveLoss:
+    """`share, report = loss(embeddings, present, logit_scale, labels=None)` (module docstring).
+
+    report: per pair `<a>_<b>/loss`, the pair's loss over the global batch (the same on every rank),
+    and `<a>_<b>/count`, the samples that had both modalities, both detached.
+    """
+
+    def __init__(self, pairs: list[tuple[str, str]], gathering: Gathering = Gathering()):
+        if not pairs:
+            raise ValueError("ContrastiveLoss needs at least one modality pair")
+        self.pairs = [tuple(pair) for pair in pairs]
+        self.gathering = gathering
+
+    def __call__(self, embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor], logit_scale: torch.Tensor,
+                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        g = self.gathering
+        gather = g.all_gather and dist.is_initialized() and dist.world_size() > 1
+        world = dist.world_size() if gather else 1
+        modalities = sorted({m for pair in self.pairs for m in pair})
+        local_rows = embeddings[modalities[0]].shape[0]
+        if gather:
+            sizes = dist.all_gather_sizes(local_rows, embeddings[modalities[0]].device)
+            start = sum(sizes[: dist.rank()])
+            everyone = {m: self._gather(_wide(embeddings[m]), start) for m in modalities}
+            everyone_present = {m: dist.all_gather_with_grad(present[m].to(torch.int64)).bool() for m in modalities}
+            every_label = dist.all_gather_with_grad(labels) if labels is not None else None
+        else:
+            start = 0
+            everyone = {m: _wide(embeddings[m]) for m in modalities}
+            everyone_present = {m: present[m].bool() for m in modalities}
+            every_label = labels
+        mine = torch.zeros(everyone_present[modalities[0]].shape[0], dtype=torch.bool, device=logit_scale.device)
+        mine[start : start + local_rows] = True
+
+        scale = _wide(logit_scale).exp().reshape(())
+        if gather and not g.gather_with_grad and not g.local_loss:
+            # Each rank computes the whole loss but its gradient only reaches its own rows, so summed over
+            # ranks the embeddings get the full gradient; logit_scale is in every rank's whole loss, so its
+            # gradient is taken 1/world per rank (the value stays exp(logit_scale)).
+            scale = scale / world + (scale - scale / world).detach()
+
+        # A graph-connected zero: every tower and logit_scale get a gradient (0) even when no pair has a sample.
+        share = (sum(e.sum() for e in everyone.values()) + scale) * 0.0
+        report: dict[str, torch.Tensor] = {}
+        for a, b in self.pairs:
+            both = everyone_present[a] & everyone_present[b]
+            count = int(both.sum())
+            name = f"{a}_{b}"
+            report[f"{name}/count"] = torch.tensor(float(count))
+            if count == 0:
+                report[f"{name}/loss"] = torch.tensor(0.0)
+                continue
+            ea, eb = everyone[a][both], everyone[b][both]
+            targets = _targets(every_label[both] if every_label is not None else None, count, ea.device, ea.dtype)
+            if g.local_loss and gather:
+                rows = mine[both]  # this rank's samples among those with both modalities
+                pair_sum = _soft_cross_entropy(scale * ea[rows] @ eb.T, targets[rows]).sum() + \
+                    _soft_cross_entropy(scale * eb[rows] @ ea.T, targets[rows]).sum()  # fmt: skip
+                pair_share = pair_sum / (2 * count)
+                value = dist.all_reduce_dict({"v": float(pair_share.detach())}, pair_share.device)["v"]
+            else:
+                logits = scale * ea @ eb.T
+                pair_loss = (_soft_cross_entropy(logits, targets).mean() + _soft_cross_entropy(logits.T, targets).mean()) / 2
+                value = float(pair_loss.detach())
+                if not gather:
+                    pair_share = pair_loss / dist.world_size()  # local negatives: the mean of the ranks' losses
+                elif g.gather_with_grad:
+                    pair_share = pair_loss / world
+                else:  # value: 1/world of the loss; gradient: the whole loss through this rank's own rows
+                    pair_share = pair_loss - (pair_loss - pair_loss / world).detach()
+            share = share + pair_share / len(self.pairs)
+            report[f"{name}/loss"] = torch.tensor(value)
+        return share, report
+
+    def _gather(self, local: torch.Tensor, start: int) -> torch.Tensor:
+        if self.gathering.gather_with_grad:
+            return dist.all_gather_with_grad(local)
+        # open_clip without gather_with_grad: the other ranks' rows as constants, this rank's rows as its own
+        # (differentiable) tensor, in rank order.
+        gathered = dist.all_gather_with_grad(local.detach())
+        return torch.cat([gathered[:start], local, gathered[start + local.shape[0]:]])
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 (logits and softmax in low precision lose the small differences InfoNCE learns from)."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def _targets(labels: torch.Tensor | None, count: int, device, dtype) -> torch.Tensor:
+    """(count, count) target distribution per row: the diagonal, or with labels every sample that shares
+    the row's label (a label < 0 means none: only the sample itself), each row summing to 1."""
+    if labels is None:
+        return torch.eye(count, dtype=dtype, device=device)
+    same = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
+    same |= torch.eye(count, dtype=torch.bool, device=device)
+    same = same.to(dtype)
+    return same / same.sum(dim=1, keepdim=True)
+
+
+def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row cross entropy against a target distribution (one-hot targets: the usual cross entropy)."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)

@@ -1,0 +1,210 @@
+"""The contrastive loss (lucatrain/contrastive.py): every gathering mode that claims the global loss gives
+the loss and every gradient (towers and logit_scale) of one process holding the whole batch, over two
+real processes (gloo) with equal, unequal and empty per-rank batches; modality masks; multi-positive
+targets; the pair graph. The global reference is computed here directly, not with the module."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import _free_port, join_group, spawn_ranks
+from lucatrain.contrastive import ContrastiveLoss, Gathering, pair_graph
+
+MODALITIES = ("image", "dna", "text")
+BATCH = 9
+SPLITS = [(4, 5), (2, 7), (0, 9)]  # rows per rank; (0, 9): a rank with no rows still takes part
+MODES = {
+    "gather_with_grad": Gathering(all_gather=True, gather_with_grad=True, local_loss=False),
+    "gather_with_grad_local_loss": Gathering(all_gather=True, gather_with_grad=True, local_loss=True),
+    "gather_no_grad": Gathering(all_gather=True, gather_with_grad=False, local_loss=False),
+    "local_loss_no_grad": Gathering(all_gather=True, gather_with_grad=False, local_loss=True),
+    "no_gather": Gathering(all_gather=False),
+}
+
+
+class Towers(nn.Module):
+    """One Linear tower per modality into a shared 4-d space, and CLIP's logit scale (shape (1,))."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.towers = nn.ModuleDict({m: nn.Linear(5 + i, 4, dtype=torch.float64) for i, m in enumerate(MODALITIES)})
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)], dtype=torch.float64))
+
+    def forward(self, inputs):
+        return {m: F.normalize(self.towers[m](x), dim=-1) for m, x in inputs.items()}
+
+
+def batch_of(n):
+    g = torch.Generator().manual_seed(11)
+    inputs = {m: torch.randn(n, 5 + i, generator=g, dtype=torch.float64) for i, m in enumerate(MODALITIES)}
+    present = {"image": torch.tensor([True, False, True, True, True, False, True, True, True])[:n],
+               "dna": torch.ones(n, dtype=torch.bool),
+               "text": torch.tensor([True, True, True, False, True, True, True, True, True])[:n]}  # fmt: skip
+    labels = torch.tensor([0, 1, 0, 2, 1, -1, 3, 0, 2])[:n]
+    return inputs, present, labels
+
+
+def reference(model, inputs, present, labels=None):
+    """The global loss written out: per pair, rows with both modalities, symmetric (multi-positive) CE."""
+    z = model(inputs)
+    scale = model.logit_scale.exp()[0]
+    total = 0.0
+    pairs = pair_graph(MODALITIES)
+    for a, b in pairs:
+        both = present[a] & present[b]
+        logits = scale * z[a][both] @ z[b][both].T
+        if labels is None:
+            target = torch.eye(int(both.sum()), dtype=torch.float64)
+        else:
+            lab = labels[both]
+            target = ((lab[:, None] == lab[None, :]) & (lab[:, None] >= 0)).double()
+            target = torch.maximum(target, torch.eye(len(lab), dtype=torch.float64))
+            target = target / target.sum(1, keepdim=True)
+        rows = -(target * logits.log_softmax(1)).sum(1).mean()
+        cols = -(target * logits.T.log_softmax(1)).sum(1).mean()
+        total = total + (rows + cols) / 2
+    return total / len(pairs)
+
+
+def grads(model):
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def _worker(rank, port, out_dir):
+    join_group(rank, port)
+    torch.distributed.init_process_group("gloo")
+    try:
+        results = {}
+        for split in SPLITS:
+            start, stop = sum(split[:rank]), sum(split[: rank + 1])
+            inputs, present, labels = batch_of(sum(split))
+            mine = {m: x[start:stop] for m, x in inputs.items()}
+            my_present = {m: p[start:stop] for m, p in present.items()}
+            for mode_name, mode in MODES.items():
+                for multi in (False, True):
+                    model = Towers()
+                    loss_fn = ContrastiveLoss(pair_graph(MODALITIES), mode)
+                    share, report = loss_fn(model(mine), my_present, model.logit_scale, labels[start:stop] if multi else None)
+                    share.backward()
+                    summed = share.detach().clone()
+                    torch.distributed.all_reduce(summed)
+                    g = grads(model)
+                    for value in g.values():
+                        torch.distributed.all_reduce(value)  # what Engine.backward's contract sums
+                    results[(split, mode_name, multi)] = {"loss": summed, "grads": g, "report": report}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("contrastive")
+    port = _free_port()
+    spawn_ranks(_worker, (port, str(out)), port, timeout=180)
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def _global(split, multi):
+    inputs, present, labels = batch_of(sum(split))
+    model = Towers()
+    loss = reference(model, inputs, present, labels if multi else None)
+    loss.backward()
+    return loss.detach(), grads(model)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["gather_with_grad", "gather_with_grad_local_loss", "gather_no_grad"])
+@pytest.mark.parametrize("multi", [False, True], ids=["one_positive", "multi_positive"])
+def test_exact_modes_give_the_global_loss_and_gradients(two_ranks, mode, multi):
+    assert MODES[mode].exact
+    for split in SPLITS:
+        want_loss, want = _global(split, multi)
+        assert set(want) == {f"towers.{m}.{p}" for m in MODALITIES for p in ("weight", "bias")} | {"logit_scale"}
+        for rank, found in enumerate(two_ranks):
+            got = found[(split, mode, multi)]
+            torch.testing.assert_close(got["loss"], want_loss, rtol=0, atol=1e-10, msg=f"{split} rank {rank}")
+            for name in want:
+                torch.testing.assert_close(got["grads"][name], want[name], rtol=0, atol=1e-10, msg=f"{split} {name}")
+            # The report holds the global per-pair values on every rank.
+            assert got["report"]["image_dna/count"].item() == sum(batch_of(sum(split))[1]["image"]).item()
+
+
+@pytest.mark.multiprocess
+def test_local_loss_without_gather_with_grad_has_the_global_value_but_not_its_gradient(two_ranks):
+    """open_clip's local_loss without gather_with_grad: each rank scores its rows against constants, so a
+    sample's terms as another rank's negative never reach it. Documented as such, not called exact."""
+    assert not MODES["local_loss_no_grad"].exact
+    split = (4, 5)
+    want_loss, want = _global(split, False)
+    got = two_ranks[0][(split, "local_loss_no_grad", False)]
+    torch.testing.assert_close(got["loss"], want_loss, rtol=0, atol=1e-10)  # the forward is the global loss
+    torch.testing.assert_close(got["grads"]["logit_scale"], want["logit_scale"], rtol=0, atol=1e-10)  # in every row term
+    assert (got["grads"]["towers.image.weight"] - want["towers.image.weight"]).abs().max() > 1e-3
+
+
+@pytest.mark.multiprocess
+def test_without_all_gather_each_rank_uses_its_own_negatives(two_ranks):
+    """all_gather=False: the mean of the ranks' local losses, fewer negatives than the global batch."""
+    split = (4, 5)
+    inputs, present, _ = batch_of(9)
+    model = Towers()
+    local = [reference(model, {m: x[a:b] for m, x in inputs.items()}, {m: p[a:b] for m, p in present.items()})
+             for a, b in ((0, 4), (4, 9))]  # fmt: skip
+    got = two_ranks[0][(split, "no_gather", False)]
+    torch.testing.assert_close(got["loss"], (local[0] + local[1]).detach() / 2, rtol=0, atol=1e-10)
+    assert abs(float(got["loss"]) - float(_global(split, False)[0])) > 1e-3
+
+
+def test_in_one_process_every_mode_is_the_global_loss():
+    inputs, present, labels = batch_of(BATCH)
+    want_loss, want = _global((BATCH,), True)
+    for mode in MODES.values():
+        model = Towers()
+        share, _ = ContrastiveLoss(pair_graph(MODALITIES), mode)(model(inputs), present, model.logit_scale, labels)
+        share.backward()
+        torch.testing.assert_close(share.detach(), want_loss, rtol=0, atol=1e-12)
+        for name, value in grads(model).items():
+            torch.testing.assert_close(value, want[name], rtol=0, atol=1e-12)
+
+
+def test_a_sample_without_an_image_trains_its_other_pairs_as_if_the_image_rows_were_absent():
+    """Masks: samples 1 and 5 have no image. The image pairs equal those of the batch without them (their
+    image rows hold garbage that must not matter); the dna-text pair still uses all samples with both."""
+    inputs, present, _ = batch_of(BATCH)
+    loss_fn = ContrastiveLoss([("image", "dna"), ("image", "text"), ("dna", "text")])
+    model = Towers()
+    z = model(inputs)
+    garbage = dict(z, image=torch.where(present["image"][:, None], z["image"], torch.full_like(z["image"], 7.0)))
+    _, report = loss_fn(garbage, present, model.logit_scale)
+    keep = present["image"]
+    _, without = loss_fn({m: v[keep] for m, v in z.items()}, {m: p[keep] for m, p in present.items()}, model.logit_scale)
+    for pair in ("image_dna", "image_text"):
+        assert report[f"{pair}/loss"] == pytest.approx(float(without[f"{pair}/loss"]), abs=1e-12)
+        assert report[f"{pair}/count"] == without[f"{pair}/count"]
+    assert report["dna_text/count"] == int((present["dna"] & present["text"]).sum()) == 8
+
+
+def test_logits_are_fp32_under_bf16_embeddings():
+    inputs, present, _ = batch_of(BATCH)
+    model = Towers()
+    z = {m: v.to(torch.bfloat16) for m, v in model(inputs).items()}
+    share, _ = ContrastiveLoss(pair_graph(MODALITIES))(z, present, model.logit_scale.float())
+    assert share.dtype == torch.float32
+
+
+def test_pair_graph():
+    assert pair_graph(MODALITIES) == [("image", "dna"), ("image", "text"), ("dna", "text")]
+    assert pair_graph(MODALITIES, bind_to="dna") == [("dna", "image"), ("dna", "text")]
+    assert pair_graph(MODALITIES, exclude=[("text", "image")]) == [("image", "dna"), ("dna", "text")]
+    with pytest.raises(ValueError, match="bind_to 'protein' is not one of the modalities"):
+        pair_graph(MODALITIES, bind_to="protein")
+    with pytest.raises(ValueError, match=r"exclude: \['audio', 'image'\] is not a pair"):
+        pair_graph(MODALITIES, exclude=[("image", "audio")])
+    with pytest.raises(ValueError, match="no modality pairs left"):
+        pair_graph(["image", "dna"], exclude=[("image", "dna")])
