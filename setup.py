@@ -29,8 +29,11 @@ setup(
         "tensorboard>=2.14",
         "pyyaml>=6",
         "tqdm>=4.60",
-        "faiss-cpu>=1.7",  # retrieval evaluation of the contrastive family (lucatrain/retrieval.py)
+        # the contrastive family: retrieval evaluation, CLIBD's HDF5 layout, specimen images
+        "faiss-cpu>=1.7",
+        "h5py>=3",
+        "Pillow>=9",
     ],
-    extras_require={"test": ["pytest>=7", "Pillow>=9"]},
+    extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["lucatrain=lucatrain.cli:main"]},
 )
