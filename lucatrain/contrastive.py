@@ -33,12 +33,17 @@ Gathering, with open_clip's meaning of the three switches:
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from lucatrain import dist
+from lucatrain.families.base import StepCallback
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's temperature 0.07
+LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps exp(logit_scale) to 100
 
 
 @dataclass(frozen=True)
@@ -182,3 +187,66 @@ def _targets(labels: torch.Tensor | None, count: int, device, dtype) -> torch.Te
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-row cross entropy against a target distribution (one-hot targets: the usual cross entropy)."""
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
+
+
+class LogitScaleClamp(StepCallback):
+    """After every optimizer step: `logit_scale` (a parameter of the Task, by name) clamped to
+    [low, high], in DeepSpeed's fp32 master copy and the working copy alike (`Engine.edit_parameter`),
+    so the temperature never leaves CLIP's range (exp(logit_scale) <= 100)."""
+
+    name = "logit_scale_clamp"
+
+    def __init__(self, parameter_name: str = "logit_scale", low: float = 0.0, high: float = LOGIT_SCALE_MAX):
+        self.parameter_name, self.low, self.high = parameter_name, low, high
+
+    def after_step(self, engine) -> None:
+        param = engine.module.get_parameter(self.parameter_name)
+        if param.requires_grad:  # fix_temperature: nothing moves it
+            engine.edit_parameter(param, lambda value: value.clamp(self.low, self.high))
+
+
+# ---------------------------------------------------------------------------------------------
+# GradCache: a contrastive step over more samples than fit in memory at once
+
+
+def grad_cache_step(encode, chunks: list, loss_of, logit_scale: torch.Tensor, backward) -> tuple[torch.Tensor, dict]:
+    """One contrastive step over `chunks` (this rank's micro-batches) whose activations need not fit
+    in memory together (GradCache, Gao et al. 2021), with the loss and gradients of the plain step.
+
+    encode(chunk) -> {modality: (rows, D) embeddings}; loss_of(embeddings, logit_scale) -> (share,
+    report) over all chunks' rows (e.g. a `ContrastiveLoss`, gathering across ranks); backward(tensor)
+    backpropagates one chunk (`Engine.backward`, or `tensor.backward()`).
+
+    1. Every chunk is embedded without a graph; torch's RNG state is noted before each chunk.
+    2. The loss over all embeddings gives its gradient with respect to each embedding and to
+       logit_scale, without touching any parameter.
+    3. Each chunk is embedded again from its noted RNG state (the same dropout masks), and the
+       surrogate  sum(embedding * its gradient)  is backpropagated: by the chain rule this puts exactly
+       the plain step's gradient into the towers, one chunk's activations at a time. logit_scale's
+       gradient is added with the first chunk's surrogate.
+    Returns the loss share and the report (detached). Only embeddings (rows x D) are kept for the
+    whole batch, so the batch can grow far past what the towers' activations allow.
+    """
+    states, pieces = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(torch.get_rng_state())
+            pieces.append(encode(chunk))
+    after = torch.get_rng_state()
+    modalities = sorted(pieces[0])
+    sizes = [next(iter(piece.values())).shape[0] for piece in pieces]
+    cached = {m: torch.cat([piece[m] for piece in pieces]).detach().requires_grad_(True) for m in modalities}
+    scale = logit_scale.detach().clone().requires_grad_(logit_scale.requires_grad)
+    share, report = loss_of(cached, scale)
+    wanted = [cached[m] for m in modalities] + ([scale] if scale.requires_grad else [])
+    gradients = torch.autograd.grad(share, wanted)
+    embedding_grads = {m: g.split(sizes) for m, g in zip(modalities, gradients)}
+    for i, chunk in enumerate(chunks):
+        torch.set_rng_state(states[i])
+        embedded = encode(chunk)
+        surrogate = sum((embedded[m] * embedding_grads[m][i].to(embedded[m].dtype)).sum() for m in modalities)
+        if i == 0 and scale.requires_grad:
+            surrogate = surrogate + (logit_scale * gradients[-1]).sum()
+        backward(surrogate)
+    torch.set_rng_state(after)  # as after the plain step: its draws were the first pass's
+    return share.detach(), report

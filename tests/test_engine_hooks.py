@@ -17,6 +17,7 @@ from torch import nn
 
 from conftest import _free_port, join_group, spawn_ranks
 from lucatrain import dist
+from lucatrain.contrastive import LogitScaleClamp
 
 pytestmark = pytest.mark.multiprocess
 
@@ -186,8 +187,7 @@ def _ds_config(zero, precision, accumulation=1, out_dir="."):
     ])  # fmt: skip
 
 
-def _clamp(engine):
-    engine.edit_parameter(engine.module.logit_scale, lambda value: value.clamp(0.0, LN100))
+_clamp = LogitScaleClamp("logit_scale", 0.0, LN100).after_step  # the contrastive families' callback
 
 
 def _set_bias(engine):
