@@ -173,9 +173,8 @@ class Trainer:
         seed_everything(cfg.train.seed)  # same on every rank: identical initial weights
 
         self.family = get_family(cfg.model.model_type)(cfg, self.logger)
-        recipe = self.family.prepare_recipe()
-        self.train_data = load_data(cfg.data.train_files, cfg, recipe)
-        self.dev_data = {name: load_data(files, cfg, recipe) for name, files in dev_inputs(cfg).items()}
+        self.train_data = load_data(cfg.data.train_files, cfg, self.family.prepare_recipe())
+        self.dev_data = {name: load_data(files, cfg, self.family.prepare_recipe(name)) for name, files in dev_inputs(cfg).items()}
         self.family.setup(self.train_data, self.dev_data)
         if self.resume_from is not None:  # refuse an incompatible checkpoint before building anything
             self.resume_state = read_checkpoint_state(self.resume_from)

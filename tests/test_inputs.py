@@ -30,8 +30,9 @@ def warned(caplog):
     """The lucatrain logger's warnings (it does not propagate to the root logger once a run set it up)."""
     logger = logging.getLogger("lucatrain")
     logger.addHandler(caplog.handler)
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.setLevel(logging.WARNING)
+    logger.propagate = False  # caplog's handler also sits on the root logger: each record once
 
     def messages() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -39,6 +40,7 @@ def warned(caplog):
     yield messages
     logger.removeHandler(caplog.handler)
     logger.setLevel(level)
+    logger.propagate = propagate
 
 
 def good(path) -> list[Record]:

@@ -41,7 +41,6 @@ from lucatrain.data.sources import (
     RecordError,
     detect_format,
     guess_obj_type,
-    iter_records,
     list_input_files,
 )
 
@@ -225,7 +224,7 @@ def _write_records(files: list[Path], staging: Path, options: dict, recipe: Prep
         for path in files:
             fmt = detect_format(path) if options["fmt"] == "auto" else options["fmt"]
             good = bad = 0
-            for item in iter_records(path, fmt, options["fasta_obj_type"]):
+            for item in recipe.read(path, fmt, options["fasta_obj_type"]):
                 if not isinstance(item, RecordError):
                     if seen_keys is not None:
                         key = obj_id_key(item.obj_id)
@@ -458,7 +457,7 @@ def prepare(inputs, out_dir, *, fmt="auto", fasta_obj_type="auto", bad_records="
     """
     options = _options(fmt, fasta_obj_type, bad_records, duplicates)
     skipped: list = []
-    files = list_input_files(inputs, skipped)
+    files = list_input_files(inputs, skipped, recipe.formats)
     _check_formats(files, options["fmt"], recipe)  # before hashing everything
     out_dir = Path(out_dir).expanduser()
     fingerprint = fingerprint_inputs(files, _fingerprinted(options, recipe))
@@ -554,7 +553,7 @@ def prepare_or_load(inputs, cache_dir, recipe: PrepareRecipe = BASE_RECIPE, **op
         return _warn(data)
     opts = _options(**options)
     skipped: list = []
-    files = list_input_files(inputs, skipped)
+    files = list_input_files(inputs, skipped, recipe.formats)
     _check_formats(files, opts["fmt"], recipe)
     fingerprint = fingerprint_inputs(files, _fingerprinted(opts, recipe))
     out_dir = Path(cache_dir).expanduser() / fingerprint[:16]

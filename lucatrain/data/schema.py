@@ -105,6 +105,13 @@ class PrepareRecipe:
         """The column values of one record (raise ValueError for a record this recipe cannot use)."""
         return {"obj_id": record.obj_id, "obj_type": record.obj_type, "seq": record.seq, "labels": record.labels}
 
+    def read(self, path, fmt: str, fasta_obj_type: str):
+        """The records of one input file (`Record` or `RecordError` each): the format's reader. A recipe
+        may read a file itself, e.g. one group of an HDF5 file that holds several splits."""
+        from lucatrain.data.sources import iter_records
+
+        return iter_records(path, fmt, fasta_obj_type)
+
     def length(self, record) -> int:
         """The `length` column: what token-budget batching and the ledger's token count read."""
         return len(record.seq)

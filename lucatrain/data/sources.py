@@ -194,10 +194,10 @@ def _looks_prepared(directory: Path) -> bool:
     return (directory / "data.arrow").exists()
 
 
-def _files_under(directory: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
+def _files_under(directory: Path, skipped: list[tuple[Path, str]], readable: tuple[str, ...] | None) -> list[Path]:
     """Input files below `directory`, recursively, sorted; hidden entries are ignored. Every other
-    file that is not an input (a README, label lists, an unknown format) goes into `skipped` with
-    the reason, so the caller can say what was left out."""
+    file (a README, label lists, an unknown format, a format not in `readable`) goes into `skipped`
+    with the reason, so the caller can say what was left out."""
     found = []
     for root, dirs, files in os.walk(directory):
         root_path = Path(root)
@@ -206,22 +206,25 @@ def _files_under(directory: Path, skipped: list[tuple[Path, str]]) -> list[Path]
             if name.startswith("."):
                 continue
             try:
-                detect_format(root_path / name)
+                fmt = detect_format(root_path / name)
             except RecordError as err:
                 unknown = err.reason.startswith("unknown file extension")
                 skipped.append((root_path / name, "not an input format" if unknown else err.reason))
+                continue
+            if readable is not None and fmt not in readable:
+                skipped.append((root_path / name, f"{fmt}, a format this run does not read"))
                 continue
             found.append(root_path / name)
     skipped.sort()
     return sorted(found)
 
 
-def list_input_files(inputs, skipped: list[tuple[Path, str]] | None = None) -> list[Path]:
+def list_input_files(inputs, skipped: list[tuple[Path, str]] | None = None, readable: tuple[str, ...] | None = None) -> list[Path]:
     """Expand `inputs` (paths to files or directories) into the list of input files.
 
     Files are kept as given and in the given order; a directory is expanded recursively to its
-    files with a known extension, sorted. The files of a directory that are left out are appended
-    to `skipped` as (path, reason). Raises RecordError for a missing path, a directory without
+    files with a known extension (of a format in `readable`, when given), sorted. The files of a
+    directory that are left out are appended to `skipped` as (path, reason). Raises RecordError for a missing path, a directory without
     input files, or a file listed twice (it would give every record twice).
     """
     if isinstance(inputs, (str, os.PathLike)):
@@ -238,7 +241,7 @@ def list_input_files(inputs, skipped: list[tuple[Path, str]] | None = None) -> l
                     path, None, "is a prepared dataset; pass it alone, not mixed with other inputs"
                 )
             left_out: list[tuple[Path, str]] = []
-            found = _files_under(path, left_out)
+            found = _files_under(path, left_out, readable)
             if not found:
                 named = "; ".join(f"{p.name}: {why}" for p, why in left_out[:5])
                 raise RecordError(
@@ -675,3 +678,12 @@ register_source(Source("swissprot", _iter_swissprot, (".dat", ".swiss", ".sp", "
                        sniff_extensions=(".txt",), sniff_hint="a .txt input must be a Swiss-Prot flat file starting with an 'ID   ' line"))  # fmt: skip
 register_source(Source("parquet", _iter_parquet, (".parquet",), compressed_ok=False))
 register_source(Source("jsonl", _iter_jsonl, (".jsonl", ".json")))
+
+
+
+def _iter_clibd_hdf5(path: Path, fasta_obj_type: str = "auto"):
+    raise RecordError(path, None, "an HDF5 file in CLIBD's layout holds several splits: it is read by the clibd family "
+                                  "(model.model_type=clibd), whose recipe picks the group")  # fmt: skip
+
+
+register_source(Source("clibd_hdf5", _iter_clibd_hdf5, (".hdf5", ".h5"), compressed_ok=False))

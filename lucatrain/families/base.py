@@ -3,7 +3,8 @@
 The trainer calls, in this order (one Family instance per run, on every rank):
 
     family = Family(cfg, logger)
-    recipe = family.prepare_recipe()             schema + record checks -> the prepared datasets
+    recipe = family.prepare_recipe(split)        schema + record checks -> the prepared datasets (split:
+                                                 None for training, else the dev split's name)
     family.setup(train_data, dev_data)           decide what to train from the data (labels, tasks)
     task = family.build_task(resume_from)        the nn.Module DeepSpeed wraps (a lucatrain.task.Task)
     callbacks = family.callbacks(task)           run after every optimizer step (may edit parameters)
@@ -72,7 +73,9 @@ class Family:
 
     # ------------------------------------------------------------------ data
 
-    def prepare_recipe(self) -> PrepareRecipe:
+    def prepare_recipe(self, split: str | None = None) -> PrepareRecipe:
+        """How the files of the training data (`split` None) or of a dev split become rows; the same
+        recipe for every split unless the family's splits differ (e.g. groups of one HDF5 file)."""
         return BASE_RECIPE
 
     def setup(self, train_data, dev_data: dict) -> None:

@@ -231,7 +231,7 @@ class SeqFinetuneFamily(Family):
     name = "seq_finetune"
     config_sections = {"finetune": FinetuneConfig}
 
-    def prepare_recipe(self) -> SeqLabelRecipe:
+    def prepare_recipe(self, split: str | None = None) -> SeqLabelRecipe:
         mode = self.cfg.finetune.output_mode
         names = None if mode == REGRESSION else read_label_file(find_label_file(self.cfg))
         if mode == BINARY_CLASS and len(names) != 2:

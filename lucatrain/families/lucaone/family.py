@@ -84,7 +84,7 @@ class LucaOneFamily(Family):
             if name not in TASK_NAMES:
                 raise ConfigError(f"`model.lucaone_head_tasks`: unknown task {name!r}; valid tasks are {list(TASK_NAMES)}")
 
-    def prepare_recipe(self) -> PrepareRecipe:
+    def prepare_recipe(self, split: str | None = None) -> PrepareRecipe:
         return LUCAONE_RECIPE
 
     def setup(self, train_data, dev_data: dict) -> None:

@@ -1,0 +1,147 @@
+"""The `clibd` config section: towers, the pair graph, gathering, and the retrieval evaluation.
+
+Keys of CLIBD's own config and where they live here (`lucatrain/configs/clibd.yaml` mirrors them):
+
+    batch_size 500, epochs 30         train.batch_size, train.num_train_epochs
+    lr_config {lr, max_lr}, one_cycle train.learning_rate (= max_lr), train.lr_scheduler (cosine after warmup)
+    default_seed 42                   train.seed
+    output_dim 768                    clibd.output_dim
+    all_gather, loss_setup.{gather_with_grad, local_loss}   clibd.all_gather, clibd.gather_with_grad, clibd.local_loss
+    loss_setup.use_horovod            clibd.use_horovod: refused (DeepSpeed is the backend)
+    fix_temperature                   clibd.fix_temperature
+    amp                               deepspeed.precision (bf16/fp16; logits stay fp32)
+    evaluation_period, eval_skip_epoch  train.eval_steps (in steps)
+    ckpt_path, model_output_name      train.trained_checkpoint, train.output_dir
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lucatrain.config import ConfigError
+
+MODALITIES = ("image", "dna", "text")
+IMAGE_ARCHS = ("vit", "resnet")
+LEVELS = ("order", "family", "genus", "species")
+
+
+@dataclass
+class ImageTowerConfig:
+    arch: str = "vit"
+    """'vit' (a ViT, transformers' ViTModel, [CLS] vector) or 'resnet' (transformers' ResNetModel, pooled)."""
+    pretrained: str = ""
+    """A local directory of that transformers model (config.json + weights) to start from; empty: random init."""
+    resize: int = 256
+    """Shorter side after resizing (CLIBD: 256)."""
+    crop: int = 224
+    """Square crop the tower sees (CLIBD: 224)."""
+    patch_size: int = 16
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    """ViT sizes (vit_base_patch16_224: 16, 768, 12, 12)."""
+    resnet_hidden_sizes: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    resnet_depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    """ResNet stage widths and depths (ResNet-18: [64, 128, 256, 512], [2, 2, 2, 2])."""
+
+
+@dataclass
+class BertTowerConfig:
+    pretrained: str = ""
+    """A local directory of a transformers BERT (config.json + weights) to start from; empty: random init."""
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+
+
+@dataclass
+class ClibdConfig:
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    """The towers to train: image, dna (DNA barcode, BarcodeBERT-style) and/or text (taxonomy)."""
+    output_dim: int = 768
+    """Every tower projects to this many dimensions, then L2-normalises."""
+    bind_to: str = ""
+    """Align only the pairs with this modality (ImageBind style); empty: every pair."""
+    exclude_pairs: list[list[str]] = field(default_factory=list)
+    """Pairs left out, e.g. [[image, text]] (CLIBD's no_image_text_loss)."""
+    all_gather: bool = True
+    gather_with_grad: bool = True
+    local_loss: bool = False
+    """open_clip's gathering switches (lucatrain/contrastive.py says which combinations are exact)."""
+    use_horovod: bool = False
+    """Refused: DeepSpeed is the backend."""
+    fix_temperature: bool = False
+    """Keep logit_scale at ln(1/0.07) instead of learning it."""
+    multi_positive: str = ""
+    """A rank (order, family, genus, species) whose shared names make samples positives of each other;
+    empty: one positive per sample."""
+    train_group: str = "no_split_and_seen_train"
+    """The HDF5 group the training files are read from; a dev split's group is its name (`data.dev_splits`)."""
+    key_split: str = "all_keys"
+    """The dev split whose embeddings are the retrieval keys; every other dev split is a query split."""
+    seen_split: str = "val_seen"
+    unseen_split: str = "val_unseen"
+    """The query splits whose scores give the seen/unseen harmonic mean (`hm/...`, on the key split)."""
+    ks: list[int] = field(default_factory=lambda: [1, 3, 5])
+    """Top-k accuracies reported."""
+    retrieval: list[str] = field(default_factory=list)
+    """Query tower -> key tower combinations scored, as `<query>_to_<key>` (e.g. image_to_dna); empty: every one."""
+    levels: list[str] = field(default_factory=lambda: list(LEVELS))
+    """Taxonomic levels the retrieval accuracy is reported at."""
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    dna: BertTowerConfig = field(default_factory=BertTowerConfig)
+    dna_k: int = 4
+    """k-mer size of the barcode tokens (non-overlapping)."""
+    dna_length: int = 660
+    """Barcodes are cut or padded with N to this many nucleotides."""
+    text: BertTowerConfig = field(default_factory=lambda: BertTowerConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8))
+    """The text tower (CLIBD: bert-small, 4 layers of 512)."""
+    text_max_length: int = 20
+    """Tokens of the taxonomy text ("order family genus species"), [CLS] included."""
+    dropout: float = 0.1
+    """Hidden and attention dropout of every transformer tower (BERT's 0.1); ResNet has none."""
+
+    def validate(self) -> None:
+        if self.use_horovod:
+            raise ConfigError("`clibd.use_horovod`: not supported, DeepSpeed is the backend (set it to false)")
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ConfigError(f"`clibd.modalities` must list distinct towers of {list(MODALITIES)}, got {self.modalities}")
+        for m in self.modalities:
+            if m not in MODALITIES:
+                raise ConfigError(f"`clibd.modalities`: unknown tower {m!r}; choose from {list(MODALITIES)}")
+        if len(self.modalities) < 2:
+            raise ConfigError("`clibd.modalities`: a contrastive run needs at least two towers")
+        if self.bind_to and self.bind_to not in self.modalities:
+            raise ConfigError(f"`clibd.bind_to` must be one of `clibd.modalities` {self.modalities}, got {self.bind_to!r}")
+        for pair in self.exclude_pairs:
+            if len(pair) != 2 or any(m not in self.modalities for m in pair):
+                raise ConfigError(f"`clibd.exclude_pairs`: {pair} is not a pair of `clibd.modalities` {self.modalities}")
+        if self.multi_positive and self.multi_positive not in LEVELS:
+            raise ConfigError(f"`clibd.multi_positive` must be empty or one of {list(LEVELS)}, got {self.multi_positive!r}")
+        for level in self.levels:
+            if level not in LEVELS:
+                raise ConfigError(f"`clibd.levels`: unknown level {level!r}; choose from {list(LEVELS)}")
+        for name in self.retrieval:
+            query, _, key = name.partition("_to_")
+            if query not in self.modalities or key not in self.modalities:
+                raise ConfigError(f"`clibd.retrieval`: {name!r} is not <query>_to_<key> of `clibd.modalities` {self.modalities}")
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ConfigError(f"`clibd.ks` must list integers >= 1, got {self.ks}")
+        if self.image.arch not in IMAGE_ARCHS:
+            raise ConfigError(f"`clibd.image.arch` must be one of {list(IMAGE_ARCHS)}, got {self.image.arch!r}")
+        if not 0 < self.image.crop <= self.image.resize:
+            raise ConfigError(f"`clibd.image.crop` ({self.image.crop}) must be > 0 and <= `clibd.image.resize` ({self.image.resize})")
+        if self.image.arch == "vit" and self.image.crop % self.image.patch_size:
+            raise ConfigError(f"`clibd.image.crop` ({self.image.crop}) must be a multiple of `clibd.image.patch_size` ({self.image.patch_size})")
+        for name, tower in (("image", self.image), ("dna", self.dna), ("text", self.text)):
+            if tower.hidden_size % tower.num_attention_heads:
+                raise ConfigError(f"`clibd.{name}.hidden_size` ({tower.hidden_size}) must be a multiple of "
+                                  f"`clibd.{name}.num_attention_heads` ({tower.num_attention_heads})")  # fmt: skip
+        if not 1 <= self.dna_k <= 8:
+            raise ConfigError(f"`clibd.dna_k` must be in 1..8 (the vocabulary has 4^k k-mers), got {self.dna_k}")
+        if self.dna_length < self.dna_k:
+            raise ConfigError(f"`clibd.dna_length` ({self.dna_length}) must be >= `clibd.dna_k` ({self.dna_k})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"`clibd.dropout` must be in [0, 1), got {self.dropout}")
+        if self.output_dim < 1 or self.text_max_length < 2:
+            raise ConfigError("`clibd.output_dim` must be >= 1 and `clibd.text_max_length` >= 2")

@@ -1,0 +1,173 @@
+"""CLIBD data: one HDF5 group per prepared split, and the collator that reads images lazily.
+
+Prepare stores, per specimen, everything but the image: its id, HDF5 group and row, the barcode and
+the four ranks (the JPEG stays in the HDF5 file; copying BIOSCAN-5M's images would double its size).
+Each row is checked once (`ClibdHdf5.check`: ids, barcode, an image that decodes, taxonomy), so a bad
+specimen is refused or skipped under `data.bad_records` before any compute, named by file, group and
+index. The training split's words (of the four ranks) become the text vocabulary in meta.json.
+
+The collator turns rows into tensors; every random choice (the image view) comes from (seed, epoch,
+sample id), and the JPEG is read through a per-process handle, so DataLoader workers, resumes and
+GradCache re-forwards all see the same batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lucatrain.data import alphabet
+from lucatrain.data.barcode import kmer_tokens
+from lucatrain.data.clibd_hdf5 import RANKS, ClibdHdf5
+from lucatrain.data.images import decode, eval_view, train_view, view_rng
+from lucatrain.data.schema import Column, PrepareRecipe, Schema
+from lucatrain.data.sources import Record
+from lucatrain.task import EVAL_EPOCH
+
+BARCODE_LETTERS = set(alphabet.GENE_LETTERS + "-")  # BIOSCAN barcodes hold IUPAC codes and gaps
+TEXT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]")
+PAD, UNK, CLS = 0, 1, 2
+NOT_CLASSIFIED = "not_classified"
+
+CLIBD_SCHEMA = Schema((
+    Column("specimen_id", "string"), Column("group", "string"), Column("index", "int"),
+    Column("barcode", "large_string"), *(Column(rank, "string") for rank in RANKS),
+))  # fmt: skip
+COLUMNS = ("sample_id", "group", "index", "barcode", *RANKS)
+
+
+def taxonomy_text(ranks: dict) -> str:
+    """CLIBD's text of a specimen: "order family genus species"."""
+    return " ".join(ranks[rank] for rank in RANKS)
+
+
+def name_id(name: str) -> int:
+    """A stable 63-bit id of a taxon name, the same on every rank and in every split; -1 for an
+    unclassified rank (it is nobody's positive, and matches no retrieval key)."""
+    if not name or name == NOT_CLASSIFIED:
+        return -1
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class ClibdRecipe(PrepareRecipe):
+    """One group of CLIBD-layout HDF5 files -> rows (module docstring)."""
+
+    name = "clibd"
+    schema = CLIBD_SCHEMA
+    formats = ("clibd_hdf5",)
+
+    def __init__(self, group: str):
+        self.group = group
+
+    def fingerprint_options(self) -> dict:
+        return {"recipe": self.name, "group": self.group}
+
+    def read(self, path, fmt: str, fasta_obj_type: str):
+        data = ClibdHdf5(path)
+        for index in range(data.num_specimens(self.group)):
+            row = data.specimen(self.group, index)
+            problem = data.check(self.group, index, row)
+            if problem is not None:
+                yield problem
+                continue
+            extra = {"group": self.group, **row["taxonomy"]}
+            yield Record(data.specimen_id(row), alphabet.GENE, row["barcode"].upper(), "{}", str(path), index + 1, index, extra)
+
+    def start(self) -> None:
+        self.words: set[str] = set()
+
+    def row(self, record) -> dict:
+        bad = sorted(set(record.seq) - BARCODE_LETTERS)
+        if bad:
+            raise ValueError(f"group {record.extra['group']!r} index {record.index} ({record.obj_id}): barcode letters {bad} "
+                             "are not nucleotide codes")  # fmt: skip
+        ranks = {rank: record.extra[rank] for rank in RANKS}
+        self.words.update(taxonomy_text(ranks).lower().split())
+        return {"specimen_id": record.obj_id, "group": record.extra["group"], "index": record.index, "barcode": record.seq, **ranks}
+
+    def length(self, record) -> int:
+        return len(record.seq)
+
+    def meta(self) -> dict:
+        return {"text_words": sorted(self.words)}
+
+
+@dataclass
+class ClibdCollator:
+    """rows -> tensors for the towers of a run (a picklable object: DataLoader workers get a copy)."""
+
+    files: dict[str, str]
+    """HDF5 group -> the file it is read from (one per prepared split)."""
+    modalities: tuple[str, ...]
+    seed: int
+    resize: int
+    crop: int
+    dna_k: int
+    dna_length: int
+    text_vocab: dict[str, int]
+    text_max_length: int
+    _open: dict = field(default_factory=dict, repr=False)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_open"} | {"_open": {}}  # handles stay per process
+
+    def _file(self, group: str) -> ClibdHdf5:
+        if group not in self._open:
+            if group not in self.files:
+                raise KeyError(f"no HDF5 file is known for group {group!r} (known: {sorted(self.files)})")
+            self._open[group] = ClibdHdf5(self.files[group])
+        return self._open[group]
+
+    def images(self, rows: dict, epoch: int) -> torch.Tensor:
+        views = []
+        for sample_id, group, index in zip(rows["sample_id"], rows["group"], rows["index"]):
+            image = decode(self._file(group).specimen(group, index)["image"])
+            if epoch == EVAL_EPOCH:
+                views.append(eval_view(image, self.resize, self.crop))
+            else:
+                views.append(train_view(image, view_rng(self.seed, epoch, sample_id), self.resize, self.crop))
+        return torch.stack(views)
+
+    def text_ids(self, rows: dict) -> tuple[np.ndarray, np.ndarray]:
+        batch = len(rows["sample_id"])
+        ids = np.full((batch, self.text_max_length), PAD, dtype=np.int64)
+        for i in range(batch):
+            words = taxonomy_text({rank: rows[rank][i] for rank in RANKS}).lower().split()
+            tokens = [CLS] + [self.text_vocab.get(word, UNK) for word in words]
+            tokens = tokens[: self.text_max_length]
+            ids[i, : len(tokens)] = tokens
+        return ids, (ids != PAD).astype(np.int64)
+
+    def __call__(self, rows: dict, epoch: int) -> dict[str, torch.Tensor]:
+        out = {"sample_ids": torch.as_tensor(np.asarray(rows["sample_id"], dtype=np.int64))}
+        if "image" in self.modalities:
+            out["image"] = self.images(rows, epoch)
+        if "dna" in self.modalities:
+            ids, mask = kmer_tokens(rows["barcode"], self.dna_k, self.dna_length)
+            out["dna_input_ids"], out["dna_attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+        if "text" in self.modalities:
+            ids, mask = self.text_ids(rows)
+            out["text_input_ids"], out["text_attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+        # Taxon ids per rank: retrieval accuracy compares them; `clibd.multi_positive` picks one as the loss's positives.
+        out["taxon_ids"] = torch.tensor([[name_id(rows[rank][i]) for rank in RANKS] for i in range(len(rows["sample_id"]))],
+                                        dtype=torch.int64).reshape(-1, len(RANKS))  # fmt: skip
+        return out
+
+
+def text_vocabulary(words: list[str]) -> dict[str, int]:
+    """[PAD] 0, [UNK] 1, [CLS] 2, then the training split's words in sorted order."""
+    vocab = {token: i for i, token in enumerate(TEXT_SPECIALS)}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    return vocab
+
+
+def hdf5_file_of(data) -> tuple[str, str]:
+    """(group, HDF5 path) a prepared CLIBD split was read from."""
+    files = data.meta["files"]
+    if len(files) != 1:
+        raise ValueError(f"{data.path}: a CLIBD split is read from one HDF5 file, this one from {len(files)}")
+    return data.meta["recipe_options"]["group"], files[0]["path"]

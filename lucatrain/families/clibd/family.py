@@ -1,0 +1,139 @@
+"""The CLIBD family (`model.model_type=clibd`): contrastive pretraining of image, DNA-barcode and
+taxonomy-text towers on CLIBD's HDF5 layout, evaluated by retrieval as CLIBD reports it.
+
+The training files are read from `clibd.train_group` (no_split_and_seen_train); a dev split named in
+`data.dev_splits` is read from the group of its name (val_seen, val_unseen, all_keys, ...), so one
+file serves every split. See `data.py` (rows, images, tokens), `towers.py`, `task.py` (loss and
+retrieval) and lucatrain/contrastive.py (the exact loss and its gathering modes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from lucatrain.config import ConfigError
+from lucatrain.contrastive import ContrastiveLoss, Gathering, LogitScaleClamp, pair_graph
+from lucatrain.families import register_family
+from lucatrain.families.base import Family
+from lucatrain.families.clibd.config import ClibdConfig
+from lucatrain.families.clibd.data import COLUMNS, ClibdCollator, ClibdRecipe, hdf5_file_of, text_vocabulary
+from lucatrain.families.clibd.task import ClibdTask
+from lucatrain.families.clibd.towers import build_towers
+
+WEIGHTS, INFO = "model.safetensors", "clibd.json"
+
+
+def build_task(cfg, text_vocab: dict[str, int]) -> ClibdTask:
+    c = cfg.clibd
+    pairs = pair_graph(c.modalities, c.bind_to or None, [tuple(p) for p in c.exclude_pairs])
+    loss = ContrastiveLoss(pairs, Gathering(c.all_gather, c.gather_with_grad, c.local_loss))
+    return ClibdTask(build_towers(cfg, len(text_vocab)), loss, c.fix_temperature, c.multi_positive, c.ks, c.levels,
+                     c.key_split, c.seen_split, c.unseen_split, c.retrieval)  # fmt: skip
+
+
+@register_family
+class ClibdFamily(Family):
+    name = "clibd"
+    config_sections = {"clibd": ClibdConfig}
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        c = cfg.clibd
+        splits = set(cfg.data.dev_splits) | ({"dev"} if cfg.data.dev_files else set())
+        if "dev" in splits:
+            raise ConfigError("`data.dev_files`: a CLIBD dev split is read from the HDF5 group of its name; list the splits in "
+                              "`data.dev_splits` (e.g. {val_seen: [f.hdf5], val_unseen: [f.hdf5], all_keys: [f.hdf5]})")  # fmt: skip
+        if splits and c.key_split not in splits:
+            raise ConfigError(f"`clibd.key_split` ({c.key_split!r}) must be one of the dev splits {sorted(splits)}: retrieval "
+                              "scores the query splits against it")  # fmt: skip
+        if cfg.lora.enabled:
+            raise ConfigError("`lora.enabled`: LoRA on the CLIBD towers is not built yet; train them fully (lora.enabled=false)")
+
+    # ------------------------------------------------------------------ data
+
+    def prepare_recipe(self, split: str | None = None) -> ClibdRecipe:
+        return ClibdRecipe(self.cfg.clibd.train_group if split is None else split)
+
+    def setup(self, train_data, dev_data: dict) -> None:
+        self.text_vocab = text_vocabulary(train_data.meta.get("text_words", []))
+        self.files = dict(hdf5_file_of(data) for data in [train_data, *dev_data.values()])
+
+    def columns(self) -> tuple[str, ...]:
+        return COLUMNS
+
+    def collator(self) -> ClibdCollator:
+        c = self.cfg.clibd
+        return ClibdCollator(self.files, tuple(c.modalities), self.cfg.train.seed, c.image.resize, c.image.crop, c.dna_k,
+                             c.dna_length, self.text_vocab, c.text_max_length)  # fmt: skip
+
+    # ------------------------------------------------------------------ model
+
+    def build_task(self, resume_from: Path | None = None) -> ClibdTask:
+        self.task = build_task(self.cfg, self.text_vocab)
+        return self.task
+
+    def describe(self) -> str:
+        sizes = {m: sum(p.numel() for p in tower.parameters()) / 1e6 for m, tower in self.task.towers.items()}
+        return "towers " + ", ".join(f"{m}={n:.2f}M" for m, n in sizes.items())
+
+    def callbacks(self, task) -> list:
+        return [] if self.cfg.clibd.fix_temperature else [LogitScaleClamp("logit_scale")]
+
+    # ------------------------------------------------------------------ resume and export
+
+    def resume_state(self) -> dict:
+        c = self.cfg.clibd
+        return {"modalities": list(c.modalities), "output_dim": c.output_dim, "dna_k": c.dna_k, "dna_length": c.dna_length,
+                "text_vocab_size": len(self.text_vocab), "image": dataclasses.asdict(c.image), "dna": dataclasses.asdict(c.dna),
+                "text": dataclasses.asdict(c.text)}  # fmt: skip
+
+    def export_info(self, task) -> dict:
+        return {"clibd": dataclasses.asdict(self.cfg.clibd), "text_vocab": self.text_vocab, "seed": self.cfg.train.seed}
+
+    @classmethod
+    def export(cls, directory: Path, state: dict, info: dict, with_heads: bool = True) -> None:
+        """model.safetensors (every tower, projections and logit_scale, fp32) and clibd.json (the
+        `clibd` settings and the text vocabulary): `load_clibd(directory)` rebuilds the Task."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(directory / WEIGHTS), metadata={"format": "pt"})
+        (directory / INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+
+
+def load_clibd(directory) -> tuple[ClibdTask, ClibdCollator]:
+    """The trained Task (eval mode, CPU) and an inference collator from an export (best/, last/)."""
+    from lucatrain.config import load_config
+
+    directory = Path(directory)
+    for name in (WEIGHTS, INFO):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} not found (expected a CLIBD export: best/ or last/ of a run)")
+    info = json.loads((directory / INFO).read_text(encoding="utf-8"))
+    cfg = load_config(None, ["model.model_type=clibd"])
+    cfg.clibd = _clibd_config(info["clibd"])
+    task = build_task(cfg, info["text_vocab"])
+    loaded = load_file(str(directory / WEIGHTS))
+    expected = task.state_dict()
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        raise ValueError(f"{directory / WEIGHTS} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''} of the model {INFO} describes")
+    # The export may also hold buffers the model rebuilds itself (BERT's position ids): only its own keys are read.
+    task.load_state_dict({key: loaded[key] for key in expected})
+    c = cfg.clibd
+    collator = ClibdCollator({}, tuple(c.modalities), info["seed"], c.image.resize, c.image.crop, c.dna_k, c.dna_length,
+                             info["text_vocab"], c.text_max_length)  # fmt: skip
+    return task.eval(), collator
+
+
+def _clibd_config(values: dict) -> ClibdConfig:
+    from lucatrain.families.clibd.config import BertTowerConfig, ImageTowerConfig
+
+    values = dict(values)
+    values["image"] = ImageTowerConfig(**values["image"])
+    values["dna"] = BertTowerConfig(**values["dna"])
+    values["text"] = BertTowerConfig(**values["text"])
+    return ClibdConfig(**values)

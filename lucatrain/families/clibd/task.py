@@ -1,0 +1,145 @@
+"""The CLIBD Task: towers + learnable temperature + the contrastive loss; retrieval as evaluation.
+
+Training. Each micro-batch's loss is the global contrastive loss of that micro-batch (every rank's
+rows, `lucatrain.contrastive`), divided by the micro-batches per step, so a step's gradient is the
+mean over its micro-batches at any world size. The report holds, summable over micro-batches and
+ranks, the loss, each pair's loss and exp(logit_scale), each already divided by the step's
+micro-batch count (`steps` counts optimizer steps), so `summarize` returns per-step means.
+
+Evaluation (CLIBD's): every dev split is embedded by every tower (each rank a shard, gathered); each
+query split is scored against the key split (`clibd.key_split`) for every query tower x key tower,
+by faiss inner product, as top-k accuracy of the keys' taxa at each level, micro and macro:
+`<split>/<query>_to_<key>/<level>/top<k>_<micro|macro>`. The key split itself reports the harmonic
+mean of the seen and unseen query splits as `hm/<query>_to_<key>/<level>/top<k>_<micro|macro>`.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from lucatrain import dist
+from lucatrain.contrastive import LOGIT_SCALE_INIT, ContrastiveLoss
+from lucatrain.data.clibd_hdf5 import RANKS
+from lucatrain.retrieval import harmonic_mean, nearest_keys, topk_accuracy
+from lucatrain.task import EVAL_EPOCH, Metric, Task, higher_is_better, lower_is_better, to_device
+
+
+class ClibdTask(Task):
+    def __init__(self, towers: torch.nn.ModuleDict, loss: ContrastiveLoss, fix_temperature: bool, multi_positive: str,
+                 ks, levels, key_split: str, seen_split: str, unseen_split: str, retrieval=()):  # fmt: skip
+        super().__init__()
+        self.towers = towers
+        self.loss = loss
+        # Shape (1,), not (): DeepSpeed cannot partition a 0-dim parameter across ranks.
+        self.logit_scale = torch.nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT), requires_grad=not fix_temperature)
+        self.positive_rank = RANKS.index(multi_positive) if multi_positive else None
+        self.ks, self.levels = list(ks), list(levels)
+        self.key_split, self.seen_split, self.unseen_split = key_split, seen_split, unseen_split
+        towers = list(towers)
+        self.retrieval = [tuple(name.split("_to_")) for name in retrieval] or list(itertools.product(towers, towers))
+
+    # ------------------------------------------------------------------ training
+
+    def count_targets(self, batch: dict) -> dict[str, float]:
+        return {"micro_batches": 1.0}
+
+    def embed(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {modality: tower(batch) for modality, tower in self.towers.items()}
+
+    def forward(self, batch: dict, totals: dict[str, float] | None):
+        """(loss, report) for training; with `totals` None (evaluation), (None, embeddings)."""
+        embeddings = self.embed(batch)
+        if totals is None:
+            return None, embeddings
+        present = {m: torch.ones(len(batch["sample_ids"]), dtype=torch.bool, device=batch["sample_ids"].device) for m in embeddings}
+        positives = batch["taxon_ids"][:, self.positive_rank] if self.positive_rank is not None else None
+        share, report = self.loss(embeddings, present, self.logit_scale, positives)
+        per_rank = totals["micro_batches"] / dist.world_size()  # this rank's micro-batches in the step
+        share_of_step = 1.0 / (per_rank * dist.world_size())  # summed over every micro-batch of every rank: 1
+        out = {"loss_total": share.detach() / per_rank, "steps": torch.tensor(share_of_step),
+               "logit_scale_total": self.logit_scale.detach().exp().reshape(()) * share_of_step}  # fmt: skip
+        for key, value in report.items():
+            if key.endswith("/loss"):
+                out[f"{key}_total"] = value * share_of_step
+        return share / per_rank, out
+
+    def metrics(self) -> dict[str, Metric]:
+        declared = {"loss": lower_is_better("loss"), "logit_scale": higher_is_better("logit_scale")}
+        for a, b in self.loss.pairs:
+            declared[f"{a}_{b}/loss"] = lower_is_better(f"{a}_{b}/loss")
+        for name in self.retrieval_names():
+            declared[name] = higher_is_better(name)
+            declared[f"hm/{name}"] = higher_is_better(f"hm/{name}")
+        return declared
+
+    def summarize(self, sums: dict) -> dict[str, float]:
+        steps = float(sums.get("steps", 0.0))
+        if steps <= 0:
+            return {}
+        out = {"loss": float(sums["loss_total"]) / steps, "logit_scale": float(sums["logit_scale_total"]) / steps}
+        for key, value in sums.items():
+            if key.endswith("/loss_total"):
+                out[key[: -len("_total")]] = float(value) / steps
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+
+    def retrieval_names(self) -> list[str]:
+        return [f"{q}_to_{k}/{level}/top{n}_{kind}" for q, k in self.retrieval for level in self.levels
+                for n in self.ks for kind in ("micro", "macro")]  # fmt: skip
+
+    @torch.no_grad()
+    def embed_split(self, split, engine) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Every tower's embeddings of a whole split (every rank gets all rows) and its taxon ids (N, 4)."""
+        vectors: dict[str, list] = {m: [] for m in self.towers}
+        taxa = []
+        for rows, is_padding in split.rank_batches(dist.world_size(), dist.rank()):
+            batch = to_device(split.collate(split.data.rows(rows, split.columns), EVAL_EPOCH), engine.device)
+            _, embedded = engine(batch, None)
+            keep = 0 if is_padding else len(rows)
+            for m, value in embedded.items():
+                vectors[m].append(value[:keep].float())
+            taxa.append(batch["taxon_ids"][:keep])
+        local = {m: torch.cat(v) for m, v in vectors.items()}
+        gathered = {m: dist.all_gather_with_grad(v).cpu().numpy() for m, v in local.items()}
+        return gathered, dist.all_gather_with_grad(torch.cat(taxa)).cpu().numpy()
+
+    def evaluate(self, splits: dict, engine) -> dict[str, dict[str, float]]:
+        engine.eval()
+        try:
+            embedded = {name: self.embed_split(split, engine) for name, split in splits.items()}
+        finally:
+            engine.train()
+        if self.key_split not in embedded:
+            return {}
+        results = None
+        if dist.is_main():
+            results = self.score(embedded)
+        return dist.broadcast_object(results)
+
+    def score(self, embedded: dict) -> dict[str, dict[str, float]]:
+        keys, key_taxa = embedded[self.key_split]
+        results: dict[str, dict[str, float]] = {}
+        k_max = min(max(self.ks), len(key_taxa))
+        ks = [k for k in self.ks if k <= k_max]
+        for split, (queries, query_taxa) in embedded.items():
+            if split == self.key_split or not len(query_taxa):
+                continue
+            scores = {}
+            for q, k in self.retrieval:
+                neighbours = nearest_keys(queries[q], keys[k], k_max)
+                for level in self.levels:
+                    column = RANKS.index(level)
+                    known = query_taxa[:, column] >= 0  # an unclassified query has nothing to retrieve
+                    if not known.any():
+                        continue
+                    found = topk_accuracy(query_taxa[known, column], key_taxa[:, column], neighbours[known], ks)
+                    scores.update({f"{q}_to_{k}/{level}/{name}": value for name, value in found.items()})
+            results[split] = scores
+        seen, unseen = results.get(self.seen_split), results.get(self.unseen_split)
+        if seen and unseen:
+            results[self.key_split] = {f"hm/{name}": harmonic_mean([seen[name], unseen[name]]) for name in seen if name in unseen}
+        return results

@@ -1,0 +1,107 @@
+"""The towers: an encoder per modality, pooled, projected to `output_dim` and L2-normalised.
+
+    image  transformers ViTModel ([CLS] vector) or ResNetModel (pooled), from config or a local directory
+    dna    transformers BertModel over BarcodeBERT-order k-mer tokens, mean over the real k-mers only
+           (CLIBD's mean includes the padding)
+    text   transformers BertModel over the taxonomy words, mean over the real tokens
+
+The image towers are transformers' (timm needs torchvision, which does not import beside this
+project's CPU torch); their weights load from a local directory with `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lucatrain.data.barcode import pad_id, vocab_size
+from lucatrain.families.clibd.data import PAD
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, H), (B, L) -> (B, H): the mean over positions where `mask` is 1."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class Tower(nn.Module):
+    """encoder -> pooled features -> Linear(output_dim, no bias) -> L2 normalisation."""
+
+    def __init__(self, encoder: nn.Module, width: int, output_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.proj = nn.Linear(width, output_dim, bias=False)
+
+    def features(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return F.normalize(self.proj(self.features(batch)), dim=-1)
+
+
+class ImageTower(Tower):
+    def __init__(self, cfg, output_dim: int, dropout: float):
+        from transformers import ResNetConfig, ResNetModel, ViTConfig, ViTModel
+
+        if cfg.arch == "vit":
+            rates = {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+            if cfg.pretrained:
+                encoder = ViTModel.from_pretrained(cfg.pretrained, add_pooling_layer=False, **rates)
+            else:
+                encoder = ViTModel(ViTConfig(image_size=cfg.crop, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
+                                             num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                                             intermediate_size=4 * cfg.hidden_size, **rates), add_pooling_layer=False)  # fmt: skip
+            width = encoder.config.hidden_size
+        else:
+            if cfg.pretrained:
+                encoder = ResNetModel.from_pretrained(cfg.pretrained)
+            else:
+                encoder = ResNetModel(ResNetConfig(hidden_sizes=cfg.resnet_hidden_sizes, depths=cfg.resnet_depths, layer_type="basic",
+                                                   embedding_size=cfg.resnet_hidden_sizes[0]))  # fmt: skip
+            width = encoder.config.hidden_sizes[-1]
+        super().__init__(encoder, width, output_dim)
+        self.arch = cfg.arch
+
+    def features(self, batch: dict) -> torch.Tensor:
+        pixels = batch["image"].to(self.proj.weight.dtype)
+        if self.arch == "vit":
+            return self.encoder(pixel_values=pixels).last_hidden_state[:, 0]
+        return self.encoder(pixel_values=pixels).pooler_output.flatten(1)
+
+
+class BertTower(Tower):
+    """A BERT over `<prefix>_input_ids` / `<prefix>_attention_mask`, mean-pooled over real tokens."""
+
+    def __init__(self, cfg, prefix: str, vocab: int, positions: int, pad: int, output_dim: int, dropout: float):
+        from transformers import BertConfig, BertModel
+
+        rates = {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+        if cfg.pretrained:
+            encoder = BertModel.from_pretrained(cfg.pretrained, add_pooling_layer=False, **rates)
+        else:
+            encoder = BertModel(BertConfig(vocab_size=vocab, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                                           num_attention_heads=cfg.num_attention_heads, intermediate_size=4 * cfg.hidden_size,
+                                           max_position_embeddings=positions, pad_token_id=pad, **rates), add_pooling_layer=False)  # fmt: skip
+        super().__init__(encoder, encoder.config.hidden_size, output_dim)
+        self.prefix = prefix
+
+    def features(self, batch: dict) -> torch.Tensor:
+        ids, mask = batch[f"{self.prefix}_input_ids"], batch[f"{self.prefix}_attention_mask"]
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return masked_mean(hidden, mask)
+
+
+def build_towers(cfg, text_vocab_size: int) -> nn.ModuleDict:
+    """The towers `cfg.clibd.modalities` names, sized from the config."""
+    c = cfg.clibd
+    towers = {}
+    for modality in c.modalities:
+        if modality == "image":
+            towers[modality] = ImageTower(c.image, c.output_dim, c.dropout)
+        elif modality == "dna":
+            towers[modality] = BertTower(c.dna, "dna", vocab_size(c.dna_k), 1 + c.dna_length // c.dna_k, pad_id(c.dna_k), c.output_dim,
+                                         c.dropout)  # fmt: skip
+        else:
+            towers[modality] = BertTower(c.text, "text", text_vocab_size, c.text_max_length, PAD, c.output_dim, c.dropout)
+    return nn.ModuleDict(towers)

@@ -1,0 +1,117 @@
+"""The CLIBD family end to end: CLIBD's HDF5 layout in, contrastive training through the generic loop,
+retrieval evaluation, export, bad specimens, and exact resume over two real processes."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, kill_step, launch, read_history
+from lucatrain.config import ConfigError, load_config
+from lucatrain.data.clibd_hdf5 import ClibdHdf5, write_clibd_hdf5
+from lucatrain.families.clibd import load_clibd
+from lucatrain.task import EVAL_EPOCH
+from lucatrain.trainer import Trainer
+
+SAMPLE = REPO / "examples" / "data" / "clibd_sample.hdf5"
+
+
+def clibd_overrides(tmp_path, sample=SAMPLE, **extra) -> list[str]:
+    values = {
+        "train.output_dir": tmp_path / "run", "data.cache_dir": tmp_path / "cache",
+        "data.train_files": f"[{sample}]",
+        "data.dev_splits": f"{{val_seen: [{sample}], val_unseen: [{sample}], all_keys: [{sample}]}}",
+        "train.progress_bar": "false", "train.loss_logging_steps": 2, "train.warmup_steps": 1,
+        "clibd.output_dim": 16, "clibd.dropout": 0.0,
+        "clibd.image.hidden_size": 32, "clibd.image.num_attention_heads": 4, "clibd.image.num_hidden_layers": 1,
+        "clibd.image.resize": 40, "clibd.image.crop": 32, "clibd.image.patch_size": 16,
+        "clibd.dna.hidden_size": 32, "clibd.dna.num_attention_heads": 4, "clibd.dna.num_hidden_layers": 1,
+        "clibd.text.hidden_size": 32, "clibd.text.num_attention_heads": 4, "clibd.text.num_hidden_layers": 1,
+    }  # fmt: skip
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def test_trains_evaluates_by_retrieval_and_exports(tmp_path):
+    cfg = load_config("clibd_tiny", clibd_overrides(tmp_path, **{"train.max_steps": 30, "train.eval_steps": 30}))
+    trainer = Trainer(cfg)
+    trainer.train()
+    history = read_history(tmp_path / "run")
+    losses = [h["loss"] for h in history if "lr" in h]
+    assert losses[-1] < 0.8 * losses[0], losses  # the contrastive loss falls
+    assert {"image_dna/loss", "dna_text/loss", "image_text/loss", "logit_scale"} <= set(next(h for h in history if "lr" in h))
+    final = next(h for h in reversed(history) if "eval/val_seen/image_to_dna/genus/top1_micro" in h)
+    # 14 genera among the keys: a query's genus is the nearest key's by chance about 1 time in 10.
+    assert final["eval/val_seen/image_to_dna/genus/top1_micro"] >= 0.25, final
+    assert final["eval/val_seen/dna_to_dna/genus/top5_micro"] >= final["eval/val_seen/dna_to_dna/genus/top1_micro"]
+    assert "eval/all_keys/hm/image_to_dna/genus/top1_micro" in final
+    # The export gives the trained model's embeddings.
+    task, collator = load_clibd(tmp_path / "run" / "last")
+    collator.files = trainer.collator.files
+    split = trainer.dev_splits["val_seen"]
+    batch = collator(split.data.rows(split.rows[:5], split.columns), EVAL_EPOCH)
+    with torch.no_grad():
+        exported = task.embed(batch)
+        trainer.task.eval()
+        trained = trainer.task.embed(batch)
+    for modality in ("image", "dna", "text"):
+        torch.testing.assert_close(exported[modality], trained[modality], rtol=0, atol=1e-6)
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+
+
+def _specimens(path, corrupt_index=None):
+    data = ClibdHdf5(SAMPLE)
+    groups = {}
+    for group in ("no_split_and_seen_train", "val_seen", "val_unseen", "all_keys"):
+        rows = [data.specimen(group, i) for i in range(min(12, data.num_specimens(group)))]
+        groups[group] = rows
+    if corrupt_index is not None:
+        groups["no_split_and_seen_train"][corrupt_index]["image"] = b"\xff\xd8 not a jpeg"
+    return write_clibd_hdf5(path, groups)
+
+
+def test_a_specimen_whose_image_does_not_decode_is_named_before_training(tmp_path):
+    bad = _specimens(tmp_path / "bad.hdf5", corrupt_index=3)
+    cfg = load_config("clibd_tiny", clibd_overrides(tmp_path, sample=bad, **{"train.max_steps": 2}))
+    with pytest.raises(ValueError, match=r"bad\.hdf5: group 'no_split_and_seen_train' index 3 \(LUCA\w+\): the image does not decode"):
+        Trainer(cfg)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    skipping = load_config("clibd_tiny", clibd_overrides(tmp_path / "skip", sample=bad, **{"train.max_steps": 2, "data.bad_records": "skip"}))
+    trainer = Trainer(skipping)
+    assert len(trainer.train_data) == 11 and trainer.train_data.meta["num_rejected"] == 1
+
+
+def test_config_of_the_family_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="`clibd.use_horovod`: not supported, DeepSpeed is the backend"):
+        load_config("clibd_tiny", ["clibd.use_horovod=true"])
+    with pytest.raises(ConfigError, match=r"`clibd.key_split` \('all_keys'\) must be one of the dev splits \['val_seen'\]"):
+        load_config("clibd_tiny", [f"data.dev_splits={{val_seen: [{SAMPLE}]}}"])
+    with pytest.raises(ConfigError, match="a CLIBD dev split is read from the HDF5 group of its name"):
+        load_config("clibd_tiny", [f"data.dev_files=[{SAMPLE}]"])
+    with pytest.raises(ConfigError, match=r"`clibd.retrieval`: 'image_to_audio' is not <query>_to_<key>"):
+        load_config("clibd_tiny", ["clibd.retrieval=[image_to_audio]"])
+
+
+@pytest.mark.multiprocess
+def test_two_processes_equal_one_and_a_sigkill_resumes_bitwise(tmp_path):
+    """The global batch is the same whether one process holds it or two share it (the loss gathers every
+    rank's rows); and a run killed at a random step and resumed ends with bitwise-equal weights."""
+    small = _specimens(tmp_path / "small.hdf5")
+    common = {"train.max_steps": 8, "train.save_steps": 2, "train.eval_steps": 4, "deepspeed.config": "zero2"}
+    one = tmp_path / "one"
+    launch(["train", "--config", "clibd_tiny", *clibd_overrides(one, sample=small, **common, **{"train.batch_size": 8})],
+           nproc=1, launcher="python")  # fmt: skip
+    two = tmp_path / "two"
+    launch(["train", "--config", "clibd_tiny", *clibd_overrides(two, sample=small, **common, **{"train.batch_size": 4})], nproc=2)
+    losses = lambda run: [h["loss"] for h in read_history(run / "run") if "lr" in h]  # noqa: E731
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
+    at = kill_step(3, 7)
+    killed = tmp_path / "killed"
+    args = ["train", "--config", "clibd_tiny", *clibd_overrides(killed, sample=small, **common, **{"train.batch_size": 4})]
+    launch(args, nproc=2, env={"LUCATRAIN_FAULT": f"step:{at}"}, expect_failure=True)
+    launch([*args, "train.trained_checkpoint=latest"], nproc=2)
+    assert "resumed from" in (killed / "run" / "logs" / "training.log").read_text()
+    want, got = load_file(two / "run" / "last" / "model.safetensors"), load_file(killed / "run" / "last" / "model.safetensors")
+    for key in want:
+        np.testing.assert_array_equal(got[key].numpy(), want[key].numpy(), err_msg=f"{key} (killed at step {at})")
+    assert losses(killed)[-1] == losses(two)[-1]
