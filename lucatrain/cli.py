@@ -3,6 +3,7 @@
     lucatrain prepare INPUT... --out DIR     files -> prepared, memory-mapped dataset
     lucatrain train --config RECIPE [section.key=value ...]
     lucatrain demo [section.key=value ...]  tiny real pretraining on the shipped sample data
+    lucatrain demo clibd [section.key=value ...]   tiny CLIBD-style contrastive pretraining (image + DNA + text)
     lucatrain audit RUN_DIR [--compare RUN_DIR2]   what the progress ledger says was trained on
     lucatrain export RUN_OR_CHECKPOINT --out DIR [--heads]   transformers-loadable encoder (+ task heads)
 
@@ -25,6 +26,15 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = REPO_DIR / "examples" / "data"
 DEMO_TRAIN = EXAMPLES_DIR / "lucaone_sample" / "train" / "train.csv"
 DEMO_DEV = EXAMPLES_DIR / "lucaone_sample" / "dev" / "dev.csv"
+CLIBD_SAMPLE = EXAMPLES_DIR / "clibd_sample.hdf5"
+
+
+def _demo_defaults(family: str) -> tuple[str, list[str]]:
+    """(recipe, overrides) of a demo; the shipped files by absolute path, so any working directory works."""
+    if family == "clibd":
+        splits = ", ".join(f"{name}: [{CLIBD_SAMPLE}]" for name in ("val_seen", "val_unseen", "all_keys"))
+        return "clibd_tiny", ["train.output_dir=runs/demo_clibd", f"data.train_files=[{CLIBD_SAMPLE}]", f"data.dev_splits={{{splits}}}"]
+    return "demo_tiny", [f"data.train_files=[{DEMO_TRAIN}]", f"data.dev_files=[{DEMO_DEV}]"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -156,15 +166,18 @@ def _audit(args) -> int:
 
 def _train(args, demo: bool) -> int:
     overrides = list(args.overrides)
+    config = args.config
     if demo:
+        family = overrides.pop(0) if overrides and "=" not in overrides[0] else "lucaone"
+        if family not in ("lucaone", "clibd"):
+            raise ConfigError(f"`lucatrain demo {family}`: the demos are lucaone (the default) and clibd")
+        recipe, defaults = _demo_defaults(family)
+        config = recipe if config == "demo_tiny" else config
         given = {o.split("=", 1)[0] for o in overrides}
         if "train.overwrite_output_dir" not in given and "train.trained_checkpoint" not in given:
-            overrides.append("train.overwrite_output_dir=true")  # runs/demo is the demo's own scratch directory
-        if "data.train_files" not in given:
-            overrides.append(f"data.train_files=[{DEMO_TRAIN}]")
-        if "data.dev_files" not in given:
-            overrides.append(f"data.dev_files=[{DEMO_DEV}]")
-    cfg = load_config(args.config, overrides)
+            overrides.append("train.overwrite_output_dir=true")  # the demo's run directory is its own scratch space
+        overrides = [d for d in defaults if d.split("=", 1)[0] not in given] + overrides
+    cfg = load_config(config, overrides)
     if not cfg.data.train_files:
         raise ConfigError("`data.train_files` is empty: give input files or a prepared dataset directory")
     from lucatrain.trainer import run_training

@@ -115,3 +115,24 @@ def test_two_processes_equal_one_and_a_sigkill_resumes_bitwise(tmp_path):
     for key in want:
         np.testing.assert_array_equal(got[key].numpy(), want[key].numpy(), err_msg=f"{key} (killed at step {at})")
     assert losses(killed)[-1] == losses(two)[-1]
+
+
+def test_run_script_and_demo_verb_run_the_tiny_recipe(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "TINY": "1", "LAUNCHER": "python", "nproc_per_node": "1", "max_steps": "3", "model_output_name": "x",
+           "EXTRA_ARGS": f"train.output_dir={tmp_path / 'script'} data.cache_dir={tmp_path / 'cache'} train.warmup_steps=1 "
+                         "train.eval_steps=0 train.progress_bar=false"}  # fmt: skip
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    result = subprocess.run(["bash", "run_scripts/run_clibd.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    config = (tmp_path / "script" / "config.yaml").read_text()
+    assert "model_type: clibd" in config and "batch_size: 16" in config and "gather_with_grad: true" in config
+    from lucatrain.cli import main
+
+    demo = ["demo", "clibd", f"train.output_dir={tmp_path / 'demo'}", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2",
+            "train.warmup_steps=1", "train.eval_steps=0", "train.progress_bar=false"]  # fmt: skip
+    assert main(demo) == 0
+    assert (tmp_path / "demo" / "last" / "clibd.json").is_file()
+    assert main(["demo", "simclr"]) == 2  # not a demo (yet): one clear line

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# CLIBD-style contrastive pretraining (image + DNA barcode + taxonomy text) with the deepspeed launcher.
+# Every CLIBD config key has a variable (defaults: CLIBD's BIOSCAN-5M setting where it applies):
+#   HDF5 (CLIBD's BIOSCAN_5M.hdf5 layout)      batch_size 500 (per process)   epochs 30, max_steps 40000
+#   max_lr 5e-5 (the peak; CLIBD's lr_config)   output_dim 768                 default_seed 42
+#   all_gather / gather_with_grad true, local_loss false (loss_setup)         fix_temperature false
+#   amp true (bf16; false: fp32)                disable_lora true (LoRA on towers is not built yet)
+#   model_output_name (the run directory under runs/), ckpt_path (resume: a checkpoint or 'latest')
+#   nproc_per_node, MASTER_PORT, HOSTFILE, LAUNCHER (deepspeed | torchrun | python): see common.sh
+#   TINY=1: the CPU-sized recipe (clibd_tiny) on the shipped sample, 2 processes.
+#   TINY=1 bash run_scripts/run_clibd.sh
+#   HDF5=/data/BIOSCAN_5M.hdf5 nproc_per_node=8 bash run_scripts/run_clibd.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ "${TINY:-0}" == 1 ]]; then
+  : "${RECIPE:=clibd_tiny}" "${batch_size:=16}" "${epochs:=20}" "${max_steps:=60}" "${max_lr:=1e-3}" "${output_dim:=32}"
+  : "${amp:=false}"
+  : "${nproc_per_node:=2}"
+fi
+: "${RECIPE:=clibd}"
+: "${HDF5:=examples/data/clibd_sample.hdf5}"
+: "${batch_size:=500}"
+: "${epochs:=30}"
+: "${max_steps:=40000}"  # the cosine schedule ends here (BIOSCAN-5M, 8 x 500 per step: about 30 epochs)
+: "${max_lr:=5e-5}"
+: "${output_dim:=768}"
+: "${default_seed:=42}"
+: "${all_gather:=true}"
+: "${gather_with_grad:=true}"
+: "${local_loss:=false}"
+: "${use_horovod:=false}"
+: "${fix_temperature:=false}"
+: "${amp:=true}"
+: "${disable_lora:=true}"
+: "${model_output_name:=clibd}"
+: "${ckpt_path:=}"
+: "${DS_CONFIG:=zero2}"
+: "${EXTRA_ARGS:=}"
+if [[ "$disable_lora" != true ]]; then
+  echo "run_clibd.sh: LoRA on the CLIBD towers is not built yet; set disable_lora=true" >&2
+  exit 2
+fi
+precision=fp32
+if [[ "$amp" == true ]]; then precision=bf16; fi
+source run_scripts/common.sh
+splits="{val_seen: [$HDF5], val_unseen: [$HDF5], all_keys: [$HDF5]}"
+args=(
+  train --config "$RECIPE" data.train_files="[$HDF5]" data.dev_splits="$splits"
+  train.output_dir="runs/$model_output_name" train.batch_size="$batch_size" train.num_train_epochs="$epochs"
+  train.max_steps="$max_steps" train.learning_rate="$max_lr" train.seed="$default_seed"
+  clibd.output_dim="$output_dim" clibd.all_gather="$all_gather" clibd.gather_with_grad="$gather_with_grad"
+  clibd.local_loss="$local_loss" clibd.use_horovod="$use_horovod" clibd.fix_temperature="$fix_temperature"
+  deepspeed.config="$DS_CONFIG" deepspeed.precision="$precision"
+)
+if [[ -n "$ckpt_path" ]]; then args+=(train.trained_checkpoint="$ckpt_path"); fi
+# shellcheck disable=SC2206  # EXTRA_ARGS is a list of words on purpose
+args+=($EXTRA_ARGS)
+launch "${args[@]}"
