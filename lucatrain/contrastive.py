@@ -230,9 +230,9 @@ def grad_cache_step(encode, chunks: list, loss_of, logit_scale: torch.Tensor, ba
     states, pieces = [], []
     with torch.no_grad():
         for chunk in chunks:
-            states.append(torch.get_rng_state())
+            states.append(_rng_state())
             pieces.append(encode(chunk))
-    after = torch.get_rng_state()
+    after = _rng_state()
     modalities = sorted(pieces[0])
     sizes = [next(iter(piece.values())).shape[0] for piece in pieces]
     cached = {m: torch.cat([piece[m] for piece in pieces]).detach().requires_grad_(True) for m in modalities}
@@ -242,11 +242,23 @@ def grad_cache_step(encode, chunks: list, loss_of, logit_scale: torch.Tensor, ba
     gradients = torch.autograd.grad(share, wanted)
     embedding_grads = {m: g.split(sizes) for m, g in zip(modalities, gradients)}
     for i, chunk in enumerate(chunks):
-        torch.set_rng_state(states[i])
+        _set_rng_state(states[i])
         embedded = encode(chunk)
         surrogate = sum((embedded[m] * embedding_grads[m][i].to(embedded[m].dtype)).sum() for m in modalities)
         if i == 0 and scale.requires_grad:
             surrogate = surrogate + (logit_scale * gradients[-1]).sum()
         backward(surrogate)
-    torch.set_rng_state(after)  # as after the plain step: its draws were the first pass's
+    _set_rng_state(after)  # as after the plain step: its draws were the first pass's
     return share.detach(), report
+
+
+def _rng_state():
+    """torch's CPU generator state and, on GPUs, every device's (dropout draws from the device's)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _set_rng_state(state) -> None:
+    cpu, devices = state
+    torch.set_rng_state(cpu)
+    if devices is not None:
+        torch.cuda.set_rng_state_all(devices)

@@ -95,7 +95,8 @@ def test_config_of_the_family_is_checked(tmp_path):
 @pytest.mark.multiprocess
 def test_two_processes_equal_one_and_a_sigkill_resumes_bitwise(tmp_path):
     """The global batch is the same whether one process holds it or two share it (the loss gathers every
-    rank's rows); and a run killed at a random step and resumed ends with bitwise-equal weights."""
+    rank's rows), also through GradCache; and a run killed at a random step and resumed ends with
+    bitwise-equal weights."""
     small = _specimens(tmp_path / "small.hdf5")
     common = {"train.max_steps": 8, "train.save_steps": 2, "train.eval_steps": 4, "deepspeed.config": "zero2"}
     one = tmp_path / "one"
@@ -105,6 +106,11 @@ def test_two_processes_equal_one_and_a_sigkill_resumes_bitwise(tmp_path):
     launch(["train", "--config", "clibd_tiny", *clibd_overrides(two, sample=small, **common, **{"train.batch_size": 4})], nproc=2)
     losses = lambda run: [h["loss"] for h in read_history(run / "run") if "lr" in h]  # noqa: E731
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
+    # GradCache across ranks: 2 processes x 2 micro-batches of 2, one contrastive batch of 8 per step.
+    cached = tmp_path / "cached"
+    launch(["train", "--config", "clibd_tiny", *clibd_overrides(cached, sample=small, **common, **{
+        "train.batch_size": 2, "train.gradient_accumulation_steps": 2, "clibd.grad_cache": "true"})], nproc=2)  # fmt: skip
+    np.testing.assert_allclose(losses(cached), losses(one), rtol=1e-5)
     at = kill_step(3, 7)
     killed = tmp_path / "killed"
     args = ["train", "--config", "clibd_tiny", *clibd_overrides(killed, sample=small, **common, **{"train.batch_size": 4})]
@@ -136,3 +142,26 @@ def test_run_script_and_demo_verb_run_the_tiny_recipe(tmp_path):
     assert main(demo) == 0
     assert (tmp_path / "demo" / "last" / "clibd.json").is_file()
     assert main(["demo", "simclr"]) == 2  # not a demo (yet): one clear line
+
+
+def test_grad_cache_step_equals_one_large_plain_step(tmp_path):
+    """GradCache over 4 micro-batches of 4 is the plain step over one micro-batch of 16 (the same global
+    batch as one contrastive batch): the same losses and, after 4 optimizer steps, the same weights."""
+    small = _specimens(tmp_path / "small.hdf5")
+    common = {"train.max_steps": 4, "train.eval_steps": 0, "train.loss_logging_steps": 1, "data.dev_splits": "{}", "train.best_metric": "loss"}
+    plain = load_config("clibd_tiny", clibd_overrides(tmp_path / "plain", sample=small, **common, **{"train.batch_size": 8}))
+    cached = load_config("clibd_tiny", clibd_overrides(tmp_path / "cached", sample=small, **common, **{
+        "train.batch_size": 2, "train.gradient_accumulation_steps": 4, "clibd.grad_cache": "true"}))  # fmt: skip
+    Trainer(plain).train()
+    Trainer(cached).train()
+    losses = lambda run: [h["loss"] for h in read_history(run / "run") if "lr" in h]  # noqa: E731
+    np.testing.assert_allclose(losses(tmp_path / "cached"), losses(tmp_path / "plain"), rtol=1e-5)
+    want = load_file(tmp_path / "plain" / "run" / "last" / "model.safetensors")
+    got = load_file(tmp_path / "cached" / "run" / "last" / "model.safetensors")
+    for key in want:
+        np.testing.assert_allclose(got[key].numpy(), want[key].numpy(), rtol=0, atol=2e-5, err_msg=key)
+    # Not vacuous: the plain step over the same 4 micro-batches of 2 sees fewer negatives and trains otherwise.
+    accumulated = load_config("clibd_tiny", clibd_overrides(tmp_path / "acc", sample=small, **common, **{
+        "train.batch_size": 2, "train.gradient_accumulation_steps": 4}))  # fmt: skip
+    Trainer(accumulated).train()
+    assert abs(losses(tmp_path / "acc")[0] - losses(tmp_path / "plain")[0]) > 1e-2

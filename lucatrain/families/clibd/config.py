@@ -98,6 +98,10 @@ class ClibdConfig:
     """The text tower (CLIBD: bert-small, 4 layers of 512)."""
     text_max_length: int = 20
     """Tokens of the taxonomy text ("order family genus species"), [CLS] included."""
+    grad_cache: bool = False
+    """GradCache: the whole optimizer step (`train.batch_size` x `train.gradient_accumulation_steps` x
+    processes) is one contrastive batch, embedded and backpropagated one micro-batch at a time, so only
+    the embeddings of the whole batch are held at once. Off: each micro-batch is its own contrastive batch."""
     dropout: float = 0.1
     """Hidden and attention dropout of every transformer tower (BERT's 0.1); ResNet has none."""
 

@@ -32,7 +32,7 @@ def build_task(cfg, text_vocab: dict[str, int]) -> ClibdTask:
     pairs = pair_graph(c.modalities, c.bind_to or None, [tuple(p) for p in c.exclude_pairs])
     loss = ContrastiveLoss(pairs, Gathering(c.all_gather, c.gather_with_grad, c.local_loss))
     return ClibdTask(build_towers(cfg, len(text_vocab)), loss, c.fix_temperature, c.multi_positive, c.ks, c.levels,
-                     c.key_split, c.seen_split, c.unseen_split, c.retrieval)  # fmt: skip
+                     c.key_split, c.seen_split, c.unseen_split, c.retrieval, c.grad_cache)  # fmt: skip
 
 
 @register_family

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lucatrain import dist
-from lucatrain.contrastive import LOGIT_SCALE_INIT, ContrastiveLoss
+from lucatrain.contrastive import LOGIT_SCALE_INIT, ContrastiveLoss, grad_cache_step
 from lucatrain.data.clibd_hdf5 import RANKS
 from lucatrain.retrieval import harmonic_mean, nearest_keys, topk_accuracy
 from lucatrain.task import EVAL_EPOCH, Metric, Task, higher_is_better, lower_is_better, to_device
@@ -29,7 +29,7 @@ from lucatrain.task import EVAL_EPOCH, Metric, Task, higher_is_better, lower_is_
 
 class ClibdTask(Task):
     def __init__(self, towers: torch.nn.ModuleDict, loss: ContrastiveLoss, fix_temperature: bool, multi_positive: str,
-                 ks, levels, key_split: str, seen_split: str, unseen_split: str, retrieval=()):  # fmt: skip
+                 ks, levels, key_split: str, seen_split: str, unseen_split: str, retrieval=(), grad_cache: bool = False):  # fmt: skip
         super().__init__()
         self.towers = towers
         self.loss = loss
@@ -38,6 +38,7 @@ class ClibdTask(Task):
         self.positive_rank = RANKS.index(multi_positive) if multi_positive else None
         self.ks, self.levels = list(ks), list(levels)
         self.key_split, self.seen_split, self.unseen_split = key_split, seen_split, unseen_split
+        self.grad_cache = grad_cache
         towers = list(towers)
         self.retrieval = [tuple(name.split("_to_")) for name in retrieval] or list(itertools.product(towers, towers))
 
@@ -65,6 +66,31 @@ class ClibdTask(Task):
             if key.endswith("/loss"):
                 out[f"{key}_total"] = value * share_of_step
         return share / per_rank, out
+
+    def train_step(self, micro_batches: list[dict], engine) -> dict:
+        """Plain: every micro-batch is its own contrastive batch (the default step). GradCache
+        (`clibd.grad_cache`): the whole step, every micro-batch of every rank, is one contrastive batch,
+        embedded chunk by chunk without a graph and backpropagated chunk by chunk (`grad_cache_step`), so
+        the batch's negatives can far outnumber what the towers' activations allow in memory."""
+        if not self.grad_cache:
+            return super().train_step(micro_batches, engine)
+        batches = [to_device(mb, engine.device) for mb in micro_batches]
+        sample_ids = torch.cat([b["sample_ids"] for b in batches])
+        present = {m: torch.ones(len(sample_ids), dtype=torch.bool, device=sample_ids.device) for m in self.towers}
+        positives = torch.cat([b["taxon_ids"] for b in batches])[:, self.positive_rank] if self.positive_rank is not None else None
+
+        def backward(surrogate):
+            engine.backward(surrogate)
+            engine.step()  # DeepSpeed updates at the accumulation boundary: after the last chunk
+
+        share, report = grad_cache_step(lambda batch: engine(batch, None)[1], batches,
+                                        lambda embeddings, scale: self.loss(embeddings, present, scale, positives),
+                                        self.logit_scale, backward)  # fmt: skip
+        share_of_step = 1.0 / dist.world_size()
+        out = {"loss_total": float(share), "steps": share_of_step,
+               "logit_scale_total": float(self.logit_scale.detach().exp()) * share_of_step}  # fmt: skip
+        out.update({f"{key}_total": float(value) * share_of_step for key, value in report.items() if key.endswith("/loss")})
+        return out
 
     def metrics(self) -> dict[str, Metric]:
         declared = {"loss": lower_is_better("loss"), "logit_scale": higher_is_better("logit_scale")}
