@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from lucatrain import dist
-from lucatrain.families.base import StepCallback
+from lucatrain.callbacks import StepCallback
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's temperature 0.07
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps exp(logit_scale) to 100
