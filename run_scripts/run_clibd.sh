@@ -4,7 +4,7 @@
 #   HDF5 (CLIBD's BIOSCAN_5M.hdf5 layout)      batch_size 500 (per process)   epochs 30, max_steps 40000
 #   max_lr 5e-5 (the peak; CLIBD's lr_config)   output_dim 768                 default_seed 42
 #   all_gather / gather_with_grad true, local_loss false (loss_setup)         fix_temperature false
-#   amp true (bf16; false: fp32)                disable_lora true (LoRA on towers is not built yet)
+#   amp true (bf16; false: fp32)                disable_lora true (false: LoRA adapters on every tower, r 8)
 #   model_output_name (the run directory under runs/), ckpt_path (resume: a checkpoint or 'latest')
 #   nproc_per_node, MASTER_PORT, HOSTFILE, LAUNCHER (deepspeed | torchrun | python): see common.sh
 #   TINY=1: the CPU-sized recipe (clibd_tiny) on the shipped sample, 2 processes.
@@ -36,10 +36,8 @@ fi
 : "${ckpt_path:=}"
 : "${DS_CONFIG:=zero2}"
 : "${EXTRA_ARGS:=}"
-if [[ "$disable_lora" != true ]]; then
-  echo "run_clibd.sh: LoRA on the CLIBD towers is not built yet; set disable_lora=true" >&2
-  exit 2
-fi
+lora_towers="[]"
+if [[ "$disable_lora" != true ]]; then lora_towers="[image, dna, text]"; fi
 precision=fp32
 if [[ "$amp" == true ]]; then precision=bf16; fi
 source run_scripts/common.sh
@@ -50,6 +48,7 @@ args=(
   train.max_steps="$max_steps" train.learning_rate="$max_lr" train.seed="$default_seed"
   clibd.output_dim="$output_dim" clibd.all_gather="$all_gather" clibd.gather_with_grad="$gather_with_grad"
   clibd.local_loss="$local_loss" clibd.use_horovod="$use_horovod" clibd.fix_temperature="$fix_temperature"
+  clibd.lora_towers="$lora_towers"
   deepspeed.config="$DS_CONFIG" deepspeed.precision="$precision"
 )
 if [[ -n "$ckpt_path" ]]; then args+=(train.trained_checkpoint="$ckpt_path"); fi

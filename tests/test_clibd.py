@@ -165,3 +165,34 @@ def test_grad_cache_step_equals_one_large_plain_step(tmp_path):
         "train.batch_size": 2, "train.gradient_accumulation_steps": 4}))  # fmt: skip
     Trainer(accumulated).train()
     assert abs(losses(tmp_path / "acc")[0] - losses(tmp_path / "plain")[0]) > 1e-2
+
+
+def test_lora_on_chosen_towers_trains_adapters_only_and_exports_merged_weights(tmp_path):
+    """clibd.lora_towers: those encoders' base weights stay as initialised, their adapters and every
+    projection train; the export folds the adapters in and reproduces the trained embeddings."""
+    cfg = load_config("clibd_tiny", clibd_overrides(tmp_path, **{"train.max_steps": 4, "train.eval_steps": 0, "data.dev_splits": "{}",
+                                                                  "train.best_metric": "loss", "clibd.lora_towers": "[dna, text]",
+                                                                  "lora.r": 4, "lora.alpha": 8}))  # fmt: skip
+    trainer = Trainer(cfg)
+    before = {k: v.detach().clone() for k, v in trainer.task.state_dict().items()}
+    trainable = {n for n, p in trainer.task.named_parameters() if p.requires_grad}
+    assert any("towers.dna.encoder" in n and "lora_A" in n for n in trainable)
+    assert not any(n.startswith(("towers.dna.encoder", "towers.text.encoder")) and "lora_" not in n for n in trainable)
+    assert "towers.dna.proj.weight" in trainable and any(n.startswith("towers.image.encoder") for n in trainable)
+    trainer.train()
+    after = trainer.task.state_dict()
+    base = [k for k in before if k.startswith("towers.dna.encoder") and ".base_layer.weight" in k]
+    assert base and all(torch.equal(before[k], after[k]) for k in base)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
+    task, collator = load_clibd(tmp_path / "run" / "last")
+    collator.files = trainer.collator.files
+    rows = trainer.train_data.rows(np.arange(6), trainer.columns)
+    batch = collator(rows, EVAL_EPOCH)
+    trainer.task.eval()
+    with torch.no_grad():
+        for modality in ("dna", "text"):
+            torch.testing.assert_close(task.embed(batch)[modality], trainer.task.embed(batch)[modality], rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="`clibd.qlora`: QLoRA .* is not built yet"):
+        load_config("clibd_tiny", ["clibd.qlora=true"])
+    with pytest.raises(ConfigError, match="for CLIBD towers list them in `clibd.lora_towers`"):
+        load_config("clibd_tiny", ["lora.enabled=true"])

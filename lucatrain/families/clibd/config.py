@@ -98,6 +98,14 @@ class ClibdConfig:
     """The text tower (CLIBD: bert-small, 4 layers of 512)."""
     text_max_length: int = 20
     """Tokens of the taxonomy text ("order family genus species"), [CLS] included."""
+    lora_towers: list[str] = field(default_factory=list)
+    """Towers trained through LoRA adapters (peft; rank, alpha and dropout from the `lora` section), their
+    base weights frozen; the projections train in full. Empty: every tower trains in full (CLIBD's
+    disable_lora). ViT and BERT towers only."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    """The attention projections that get adapters (transformers' ViT/BERT names: query, key, value, dense)."""
+    qlora: bool = False
+    """4-bit base weights under the adapters (bitsandbytes): refused, not built yet (and CUDA only)."""
     grad_cache: bool = False
     """GradCache: the whole optimizer step (`train.batch_size` x `train.gradient_accumulation_steps` x
     processes) is one contrastive batch, embedded and backpropagated one micro-batch at a time, so only
@@ -145,6 +153,14 @@ class ClibdConfig:
             raise ConfigError(f"`clibd.dna_k` must be in 1..8 (the vocabulary has 4^k k-mers), got {self.dna_k}")
         if self.dna_length < self.dna_k:
             raise ConfigError(f"`clibd.dna_length` ({self.dna_length}) must be >= `clibd.dna_k` ({self.dna_k})")
+        for tower in self.lora_towers:
+            if tower not in self.modalities:
+                raise ConfigError(f"`clibd.lora_towers`: {tower!r} is not one of `clibd.modalities` {self.modalities}")
+        if "image" in self.lora_towers and self.image.arch != "vit":
+            raise ConfigError("`clibd.lora_towers`: LoRA on the image tower needs `clibd.image.arch=vit` (ResNet has no attention projections)")
+        if self.qlora:
+            raise ConfigError("`clibd.qlora`: QLoRA (4-bit base weights through bitsandbytes, CUDA only) is not built yet; "
+                              "use `clibd.lora_towers` for LoRA on full-precision weights")  # fmt: skip
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"`clibd.dropout` must be in [0, 1), got {self.dropout}")
         if self.output_dim < 1 or self.text_max_length < 2:

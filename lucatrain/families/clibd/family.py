@@ -23,15 +23,21 @@ from lucatrain.families.clibd.config import ClibdConfig
 from lucatrain.families.clibd.data import COLUMNS, ClibdCollator, ClibdRecipe, hdf5_file_of, text_vocabulary
 from lucatrain.families.clibd.task import ClibdTask
 from lucatrain.families.clibd.towers import build_towers
+from lucatrain.models.lora import apply_lora, merge_lora_state_dict
 
 WEIGHTS, INFO = "model.safetensors", "clibd.json"
 
 
-def build_task(cfg, text_vocab: dict[str, int]) -> ClibdTask:
+def build_task(cfg, text_vocab: dict[str, int], with_lora: bool = True) -> ClibdTask:
+    """The Task of `cfg.clibd`; `with_lora` False builds the plain towers an export's merged weights fit."""
     c = cfg.clibd
     pairs = pair_graph(c.modalities, c.bind_to or None, [tuple(p) for p in c.exclude_pairs])
     loss = ContrastiveLoss(pairs, Gathering(c.all_gather, c.gather_with_grad, c.local_loss))
-    return ClibdTask(build_towers(cfg, len(text_vocab)), loss, c.fix_temperature, c.multi_positive, c.ks, c.levels,
+    towers = build_towers(cfg, len(text_vocab))
+    if with_lora:
+        for name in c.lora_towers:
+            apply_lora(towers[name].encoder, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, c.lora_target_modules)
+    return ClibdTask(towers, loss, c.fix_temperature, c.multi_positive, c.ks, c.levels,
                      c.key_split, c.seen_split, c.unseen_split, c.retrieval, c.grad_cache)  # fmt: skip
 
 
@@ -51,7 +57,8 @@ class ClibdFamily(Family):
             raise ConfigError(f"`clibd.key_split` ({c.key_split!r}) must be one of the dev splits {sorted(splits)}: retrieval "
                               "scores the query splits against it")  # fmt: skip
         if cfg.lora.enabled:
-            raise ConfigError("`lora.enabled`: LoRA on the CLIBD towers is not built yet; train them fully (lora.enabled=false)")
+            raise ConfigError("`lora.enabled` switches LoRA on the LucaGPLM encoder; for CLIBD towers list them in "
+                              "`clibd.lora_towers` (rank, alpha and dropout still come from `lora.*`)")  # fmt: skip
 
     # ------------------------------------------------------------------ data
 
@@ -78,7 +85,8 @@ class ClibdFamily(Family):
 
     def describe(self) -> str:
         sizes = {m: sum(p.numel() for p in tower.parameters()) / 1e6 for m, tower in self.task.towers.items()}
-        return "towers " + ", ".join(f"{m}={n:.2f}M" for m, n in sizes.items())
+        trained = sum(p.numel() for p in self.task.parameters() if p.requires_grad) / 1e6
+        return "towers " + ", ".join(f"{m}={n:.2f}M" for m, n in sizes.items()) + f" (trained {trained:.2f}M)"
 
     def callbacks(self, task) -> list:
         return [] if self.cfg.clibd.fix_temperature else [LogitScaleClamp("logit_scale")]
@@ -89,10 +97,12 @@ class ClibdFamily(Family):
         c = self.cfg.clibd
         return {"modalities": list(c.modalities), "output_dim": c.output_dim, "dna_k": c.dna_k, "dna_length": c.dna_length,
                 "text_vocab_size": len(self.text_vocab), "image": dataclasses.asdict(c.image), "dna": dataclasses.asdict(c.dna),
-                "text": dataclasses.asdict(c.text)}  # fmt: skip
+                "text": dataclasses.asdict(c.text), "lora_towers": list(c.lora_towers),
+                "lora_target_modules": list(c.lora_target_modules) if c.lora_towers else []}  # fmt: skip
 
     def export_info(self, task) -> dict:
-        return {"clibd": dataclasses.asdict(self.cfg.clibd), "text_vocab": self.text_vocab, "seed": self.cfg.train.seed}
+        lora = {"r": self.cfg.lora.r, "alpha": self.cfg.lora.alpha} if self.cfg.clibd.lora_towers else None
+        return {"clibd": dataclasses.asdict(self.cfg.clibd), "text_vocab": self.text_vocab, "seed": self.cfg.train.seed, "lora": lora}
 
     @classmethod
     def export(cls, directory: Path, state: dict, info: dict, with_heads: bool = True) -> None:
@@ -100,6 +110,8 @@ class ClibdFamily(Family):
         `clibd` settings and the text vocabulary): `load_clibd(directory)` rebuilds the Task."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        if info.get("lora"):  # adapters folded into the weights: the export is a plain model
+            state = merge_lora_state_dict(state, info["lora"]["r"], info["lora"]["alpha"])
         save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(directory / WEIGHTS), metadata={"format": "pt"})
         (directory / INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
@@ -115,7 +127,7 @@ def load_clibd(directory) -> tuple[ClibdTask, ClibdCollator]:
     info = json.loads((directory / INFO).read_text(encoding="utf-8"))
     cfg = load_config(None, ["model.model_type=clibd"])
     cfg.clibd = _clibd_config(info["clibd"])
-    task = build_task(cfg, info["text_vocab"])
+    task = build_task(cfg, info["text_vocab"], with_lora=False)
     loaded = load_file(str(directory / WEIGHTS))
     expected = task.state_dict()
     missing = sorted(set(expected) - set(loaded))
