@@ -57,6 +57,20 @@ def test_trains_evaluates_by_retrieval_and_exports(tmp_path):
     for modality in ("image", "dna", "text"):
         torch.testing.assert_close(exported[modality], trained[modality], rtol=0, atol=1e-6)
     assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    # The embedding API on raw inputs (JPEG bytes, barcode strings, taxonomy) gives the same vectors.
+    from transformers import AutoModel
+
+    from lucatrain.families.clibd import embed
+
+    hdf5 = ClibdHdf5(SAMPLE)
+    specimens = [hdf5.specimen("val_seen", int(i)) for i in split.data.rows(split.rows[:5], ["index"])["index"]]
+    raw = embed(tmp_path / "run" / "last", images=[s["image"] for s in specimens], barcodes=[s["barcode"] for s in specimens],
+                taxonomy=[s["taxonomy"] for s in specimens])  # fmt: skip
+    for modality in ("image", "dna", "text"):
+        np.testing.assert_allclose(raw[modality], trained[modality].numpy(), rtol=0, atol=1e-6)
+    # Every tower's encoder is a transformers directory too.
+    bert = AutoModel.from_pretrained(tmp_path / "run" / "last" / "dna_encoder")
+    torch.testing.assert_close(bert.embeddings.word_embeddings.weight, trainer.task.towers["dna"].encoder.embeddings.word_embeddings.weight)
 
 
 def _specimens(path, corrupt_index=None):

@@ -13,6 +13,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
 from safetensors.torch import load_file, save_file
 
 from lucatrain.config import ConfigError
@@ -114,6 +116,11 @@ class ClibdFamily(Family):
             state = merge_lora_state_dict(state, info["lora"]["r"], info["lora"]["alpha"])
         save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(directory / WEIGHTS), metadata={"format": "pt"})
         (directory / INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        # Each tower's encoder also as a transformers directory (config.json + weights), e.g. to start
+        # another run's tower from it (`clibd.<tower>.pretrained`) or to use it outside lucatrain.
+        task, _ = load_clibd(directory)
+        for name, tower in task.towers.items():
+            tower.encoder.save_pretrained(directory / f"{name}_encoder")
 
 
 def load_clibd(directory) -> tuple[ClibdTask, ClibdCollator]:
@@ -149,3 +156,27 @@ def _clibd_config(values: dict) -> ClibdConfig:
     values["dna"] = BertTowerConfig(**values["dna"])
     values["text"] = BertTowerConfig(**values["text"])
     return ClibdConfig(**values)
+
+
+@torch.no_grad()
+def embed(directory, images=None, barcodes=None, taxonomy=None) -> dict[str, np.ndarray]:
+    """Embeddings of raw inputs by an export's towers, as the trained model gives them (evaluation views):
+    images as encoded bytes (JPEG, PNG, ...), barcodes as strings, taxonomy as dicts of the four ranks
+    (or "order family genus species" strings). Returns {modality: (N, output_dim) float32}."""
+    from lucatrain.data.barcode import kmer_tokens
+    from lucatrain.data.clibd_hdf5 import RANKS
+    from lucatrain.data.images import decode, eval_view
+
+    task, collator = load_clibd(directory)
+    batch = {}
+    if images is not None:
+        batch["image"] = torch.stack([eval_view(decode(image), collator.resize, collator.crop) for image in images])
+    if barcodes is not None:
+        ids, mask = kmer_tokens(list(barcodes), collator.dna_k, collator.dna_length)
+        batch["dna_input_ids"], batch["dna_attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+    if taxonomy is not None:
+        ranks = [t if isinstance(t, dict) else dict(zip(RANKS, t.split(" ", 3))) for t in taxonomy]
+        ids, mask = collator.text_ids({"sample_id": list(range(len(ranks))), **{r: [t[r] for t in ranks] for r in RANKS}})
+        batch["text_input_ids"], batch["text_attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+    wanted = {"image": "image", "dna": "dna_input_ids", "text": "text_input_ids"}
+    return {m: tower(batch).numpy() for m, tower in task.towers.items() if wanted[m] in batch}
