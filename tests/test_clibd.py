@@ -1,6 +1,8 @@
 """The CLIBD family end to end: CLIBD's HDF5 layout in, contrastive training through the generic loop,
 retrieval evaluation, export, bad specimens, and exact resume over two real processes."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -109,8 +111,8 @@ def test_config_of_the_family_is_checked(tmp_path):
 @pytest.mark.multiprocess
 def test_two_processes_equal_one_and_a_sigkill_resumes_bitwise(tmp_path):
     """The global batch is the same whether one process holds it or two share it (the loss gathers every
-    rank's rows), also through GradCache; and a run killed at a random step and resumed ends with
-    bitwise-equal weights."""
+    rank's rows), also through GradCache; a run killed at a random step and resumed ends with
+    bitwise-equal weights, and resumed by one process it continues the same global batches."""
     small = _specimens(tmp_path / "small.hdf5")
     common = {"train.max_steps": 8, "train.save_steps": 2, "train.eval_steps": 4, "deepspeed.config": "zero2"}
     one = tmp_path / "one"
@@ -129,6 +131,13 @@ def test_two_processes_equal_one_and_a_sigkill_resumes_bitwise(tmp_path):
     killed = tmp_path / "killed"
     args = ["train", "--config", "clibd_tiny", *clibd_overrides(killed, sample=small, **common, **{"train.batch_size": 4})]
     launch(args, nproc=2, env={"LUCATRAIN_FAULT": f"step:{at}"}, expect_failure=True)
+    # The same checkpoint resumed by one process holding the whole global batch (a world-size change).
+    shrunk = tmp_path / "shrunk"
+    shutil.copytree(killed, shrunk)
+    launch(["train", "--config", "clibd_tiny", *clibd_overrides(shrunk, sample=small, **common, **{"train.batch_size": 8}),
+            "train.trained_checkpoint=latest"], nproc=1, launcher="python")  # fmt: skip
+    assert "world size 2 -> 1" in (shrunk / "run" / "logs" / "training.log").read_text()
+    np.testing.assert_allclose(losses(shrunk)[-1], losses(two)[-1], rtol=1e-5)
     launch([*args, "train.trained_checkpoint=latest"], nproc=2)
     assert "resumed from" in (killed / "run" / "logs" / "training.log").read_text()
     want, got = load_file(two / "run" / "last" / "model.safetensors"), load_file(killed / "run" / "last" / "model.safetensors")
@@ -210,3 +219,30 @@ def test_lora_on_chosen_towers_trains_adapters_only_and_exports_merged_weights(t
         load_config("clibd_tiny", ["clibd.qlora=true"])
     with pytest.raises(ConfigError, match="for CLIBD towers list them in `clibd.lora_towers`"):
         load_config("clibd_tiny", ["lora.enabled=true"])
+
+
+def test_a_lucaone_encoder_as_the_dna_tower(tmp_path):
+    """clibd.dna_tower=lucagplm: the DNA tower is LucaOne's encoder over single nucleotides, starting from
+    an export's weights; it trains, exports and embeds like the other towers."""
+    from lucatrain.families.clibd import embed
+    from lucatrain.models.lucagplm import LucaGPLM, LucaGPLMConfig
+
+    torch.manual_seed(7)
+    pretrained = LucaGPLM(LucaGPLMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024))
+    pretrained.save_pretrained(tmp_path / "lucaone_export")
+    cfg = load_config("clibd_tiny", clibd_overrides(tmp_path, **{"train.max_steps": 3, "train.eval_steps": 0, "data.dev_splits": "{}",
+                                                                  "train.best_metric": "loss", "clibd.dna_tower": "lucagplm",
+                                                                  "clibd.dna_lucagplm": tmp_path / "lucaone_export"}))  # fmt: skip
+    trainer = Trainer(cfg)
+    tower = trainer.task.towers["dna"]
+    assert torch.equal(tower.encoder.embed_tokens.weight, pretrained.embed_tokens.weight)  # started from the export
+    trainer.train()
+    assert not torch.equal(tower.encoder.embed_tokens.weight, pretrained.embed_tokens.weight)
+    hdf5 = ClibdHdf5(SAMPLE)
+    barcodes = [hdf5.specimen("no_split_and_seen_train", i)["barcode"] for i in range(4)]
+    vectors = embed(tmp_path / "run" / "last", barcodes=barcodes)["dna"]
+    batch = trainer.collator.dna(barcodes)
+    tower.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(vectors, tower(batch).numpy(), rtol=0, atol=1e-6)
+    assert vectors.shape == (4, 16) and (tmp_path / "run" / "last" / "dna_encoder" / "model.safetensors").is_file()

@@ -90,6 +90,11 @@ class ClibdConfig:
     """Taxonomic levels the retrieval accuracy is reported at."""
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     dna: BertTowerConfig = field(default_factory=BertTowerConfig)
+    dna_tower: str = "bert"
+    """'bert' (BarcodeBERT-style, over k-mers) or 'lucagplm' (a LucaOne/LucaVirus encoder over single
+    nucleotides: fresh from `clibd.dna` sizes, or from `clibd.dna_lucagplm`)."""
+    dna_lucagplm: str = ""
+    """With dna_tower=lucagplm: a lucatrain export or a LucaOne/LucaVirus checkpoint-step<N>/ to start from."""
     dna_k: int = 4
     """k-mer size of the barcode tokens (non-overlapping)."""
     dna_length: int = 660
@@ -149,6 +154,10 @@ class ClibdConfig:
             if tower.hidden_size % tower.num_attention_heads:
                 raise ConfigError(f"`clibd.{name}.hidden_size` ({tower.hidden_size}) must be a multiple of "
                                   f"`clibd.{name}.num_attention_heads` ({tower.num_attention_heads})")  # fmt: skip
+        if self.dna_tower not in ("bert", "lucagplm"):
+            raise ConfigError(f"`clibd.dna_tower` must be 'bert' or 'lucagplm', got {self.dna_tower!r}")
+        if self.dna_lucagplm and self.dna_tower != "lucagplm":
+            raise ConfigError("`clibd.dna_lucagplm` is the encoder of `clibd.dna_tower=lucagplm`; set that too")
         if not 1 <= self.dna_k <= 8:
             raise ConfigError(f"`clibd.dna_k` must be in 1..8 (the vocabulary has 4^k k-mers), got {self.dna_k}")
         if self.dna_length < self.dna_k:

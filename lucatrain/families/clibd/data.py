@@ -109,6 +109,8 @@ class ClibdCollator:
     dna_length: int
     text_vocab: dict[str, int]
     text_max_length: int
+    dna_tokens: str = "kmer"
+    """'kmer' (the BERT tower) or 'nucleotide' (LucaOne's alphabet, for the lucagplm tower)."""
     _open: dict = field(default_factory=dict, repr=False)
 
     def __getstate__(self):
@@ -141,13 +143,25 @@ class ClibdCollator:
             ids[i, : len(tokens)] = tokens
         return ids, (ids != PAD).astype(np.int64)
 
+    def dna(self, barcodes: list[str]) -> dict[str, torch.Tensor]:
+        if self.dna_tokens == "kmer":
+            ids, mask = kmer_tokens(barcodes, self.dna_k, self.dna_length)
+            return {"dna_input_ids": torch.from_numpy(ids), "dna_attention_mask": torch.from_numpy(mask)}
+        from lucatrain.data.collate import Collator
+
+        # LucaOne's tokens: one per nucleotide ([CLS] ... [SEP]); alignment gaps are not nucleotides.
+        seqs = [b.replace("-", "") or "N" for b in barcodes]
+        rows = {"seq": seqs, "obj_type": [alphabet.GENE] * len(seqs), "sample_id": list(range(len(seqs)))}
+        tokens = Collator(self.dna_length + 2, masking=None)(rows, 0)
+        return {"dna_input_ids": tokens["input_ids"], "dna_token_type_ids": tokens["token_type_ids"],
+                "dna_attention_mask": tokens["attention_mask"]}  # fmt: skip
+
     def __call__(self, rows: dict, epoch: int) -> dict[str, torch.Tensor]:
         out = {"sample_ids": torch.as_tensor(np.asarray(rows["sample_id"], dtype=np.int64))}
         if "image" in self.modalities:
             out["image"] = self.images(rows, epoch)
         if "dna" in self.modalities:
-            ids, mask = kmer_tokens(rows["barcode"], self.dna_k, self.dna_length)
-            out["dna_input_ids"], out["dna_attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+            out.update(self.dna(rows["barcode"]))
         if "text" in self.modalities:
             ids, mask = self.text_ids(rows)
             out["text_input_ids"], out["text_attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)

@@ -24,23 +24,28 @@ from lucatrain.families.base import Family
 from lucatrain.families.clibd.config import ClibdConfig
 from lucatrain.families.clibd.data import COLUMNS, ClibdCollator, ClibdRecipe, hdf5_file_of, text_vocabulary
 from lucatrain.families.clibd.task import ClibdTask
-from lucatrain.families.clibd.towers import build_towers
+from lucatrain.families.clibd.towers import LucaTower, build_towers
 from lucatrain.models.lora import apply_lora, merge_lora_state_dict
 
 WEIGHTS, INFO = "model.safetensors", "clibd.json"
 
 
-def build_task(cfg, text_vocab: dict[str, int], with_lora: bool = True) -> ClibdTask:
-    """The Task of `cfg.clibd`; `with_lora` False builds the plain towers an export's merged weights fit."""
+def build_task(cfg, text_vocab: dict[str, int], with_lora: bool = True, lucagplm_config: dict | None = None) -> ClibdTask:
+    """The Task of `cfg.clibd`; `with_lora` False builds the plain towers an export's merged weights fit;
+    `lucagplm_config`: the DNA tower's LucaGPLM as an export recorded it."""
     c = cfg.clibd
     pairs = pair_graph(c.modalities, c.bind_to or None, [tuple(p) for p in c.exclude_pairs])
     loss = ContrastiveLoss(pairs, Gathering(c.all_gather, c.gather_with_grad, c.local_loss))
-    towers = build_towers(cfg, len(text_vocab))
+    towers = build_towers(cfg, len(text_vocab), lucagplm_config)
     if with_lora:
         for name in c.lora_towers:
             apply_lora(towers[name].encoder, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, c.lora_target_modules)
     return ClibdTask(towers, loss, c.fix_temperature, c.multi_positive, c.ks, c.levels,
                      c.key_split, c.seen_split, c.unseen_split, c.retrieval, c.grad_cache)  # fmt: skip
+
+
+def dna_tokens_of(c) -> str:
+    return "nucleotide" if c.dna_tower == "lucagplm" else "kmer"
 
 
 @register_family
@@ -77,12 +82,19 @@ class ClibdFamily(Family):
     def collator(self) -> ClibdCollator:
         c = self.cfg.clibd
         return ClibdCollator(self.files, tuple(c.modalities), self.cfg.train.seed, c.image.resize, c.image.crop, c.dna_k,
-                             c.dna_length, self.text_vocab, c.text_max_length)  # fmt: skip
+                             c.dna_length, self.text_vocab, c.text_max_length, dna_tokens_of(c))  # fmt: skip
 
     # ------------------------------------------------------------------ model
 
     def build_task(self, resume_from: Path | None = None) -> ClibdTask:
-        self.task = build_task(self.cfg, self.text_vocab)
+        # A resumed LucaGPLM tower is built as the checkpoint recorded it (its weights come with the resume),
+        # not reloaded from `clibd.dna_lucagplm`, which may have moved or changed since.
+        recorded = None
+        if resume_from is not None:
+            from lucatrain.checkpoint import EXPORT_INFO
+
+            recorded = json.loads((Path(resume_from) / EXPORT_INFO).read_text()).get("lucagplm_config")
+        self.task = build_task(self.cfg, self.text_vocab, lucagplm_config=recorded)
         return self.task
 
     def describe(self) -> str:
@@ -99,12 +111,15 @@ class ClibdFamily(Family):
         c = self.cfg.clibd
         return {"modalities": list(c.modalities), "output_dim": c.output_dim, "dna_k": c.dna_k, "dna_length": c.dna_length,
                 "text_vocab_size": len(self.text_vocab), "image": dataclasses.asdict(c.image), "dna": dataclasses.asdict(c.dna),
-                "text": dataclasses.asdict(c.text), "lora_towers": list(c.lora_towers),
+                "text": dataclasses.asdict(c.text), "dna_tower": c.dna_tower, "lora_towers": list(c.lora_towers),
                 "lora_target_modules": list(c.lora_target_modules) if c.lora_towers else []}  # fmt: skip
 
     def export_info(self, task) -> dict:
         lora = {"r": self.cfg.lora.r, "alpha": self.cfg.lora.alpha} if self.cfg.clibd.lora_towers else None
-        return {"clibd": dataclasses.asdict(self.cfg.clibd), "text_vocab": self.text_vocab, "seed": self.cfg.train.seed, "lora": lora}
+        dna = task.towers["dna"] if "dna" in task.towers else None
+        lucagplm = dna.encoder.config.to_dict() if isinstance(dna, LucaTower) else None
+        return {"clibd": dataclasses.asdict(self.cfg.clibd), "text_vocab": self.text_vocab, "seed": self.cfg.train.seed, "lora": lora,
+                "lucagplm_config": lucagplm}  # fmt: skip
 
     @classmethod
     def export(cls, directory: Path, state: dict, info: dict, with_heads: bool = True) -> None:
@@ -134,7 +149,7 @@ def load_clibd(directory) -> tuple[ClibdTask, ClibdCollator]:
     info = json.loads((directory / INFO).read_text(encoding="utf-8"))
     cfg = load_config(None, ["model.model_type=clibd"])
     cfg.clibd = _clibd_config(info["clibd"])
-    task = build_task(cfg, info["text_vocab"], with_lora=False)
+    task = build_task(cfg, info["text_vocab"], with_lora=False, lucagplm_config=info.get("lucagplm_config"))
     loaded = load_file(str(directory / WEIGHTS))
     expected = task.state_dict()
     missing = sorted(set(expected) - set(loaded))
@@ -144,7 +159,7 @@ def load_clibd(directory) -> tuple[ClibdTask, ClibdCollator]:
     task.load_state_dict({key: loaded[key] for key in expected})
     c = cfg.clibd
     collator = ClibdCollator({}, tuple(c.modalities), info["seed"], c.image.resize, c.image.crop, c.dna_k, c.dna_length,
-                             info["text_vocab"], c.text_max_length)  # fmt: skip
+                             info["text_vocab"], c.text_max_length, dna_tokens_of(c))  # fmt: skip
     return task.eval(), collator
 
 
@@ -163,7 +178,6 @@ def embed(directory, images=None, barcodes=None, taxonomy=None) -> dict[str, np.
     """Embeddings of raw inputs by an export's towers, as the trained model gives them (evaluation views):
     images as encoded bytes (JPEG, PNG, ...), barcodes as strings, taxonomy as dicts of the four ranks
     (or "order family genus species" strings). Returns {modality: (N, output_dim) float32}."""
-    from lucatrain.data.barcode import kmer_tokens
     from lucatrain.data.clibd_hdf5 import RANKS
     from lucatrain.data.images import decode, eval_view
 
@@ -172,8 +186,7 @@ def embed(directory, images=None, barcodes=None, taxonomy=None) -> dict[str, np.
     if images is not None:
         batch["image"] = torch.stack([eval_view(decode(image), collator.resize, collator.crop) for image in images])
     if barcodes is not None:
-        ids, mask = kmer_tokens(list(barcodes), collator.dna_k, collator.dna_length)
-        batch["dna_input_ids"], batch["dna_attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+        batch.update(collator.dna(list(barcodes)))
     if taxonomy is not None:
         ranks = [t if isinstance(t, dict) else dict(zip(RANKS, t.split(" ", 3))) for t in taxonomy]
         ids, mask = collator.text_ids({"sample_id": list(range(len(ranks))), **{r: [t[r] for t in ranks] for r in RANKS}})

@@ -2,7 +2,8 @@
 
     image  transformers ViTModel ([CLS] vector) or ResNetModel (pooled), from config or a local directory
     dna    transformers BertModel over BarcodeBERT-order k-mer tokens, mean over the real k-mers only
-           (CLIBD's mean includes the padding)
+           (CLIBD's mean includes the padding); or LucaOne's encoder (LucaGPLM) over single
+           nucleotides, fresh or from an export / a LucaOne checkpoint (`clibd.dna_tower=lucagplm`)
     text   transformers BertModel over the taxonomy words, mean over the real tokens
 
 The image towers are transformers' (timm needs torchvision, which does not import beside this
@@ -92,13 +93,48 @@ class BertTower(Tower):
         return masked_mean(hidden, mask)
 
 
-def build_towers(cfg, text_vocab_size: int) -> nn.ModuleDict:
-    """The towers `cfg.clibd.modalities` names, sized from the config."""
+class LucaTower(Tower):
+    """A LucaGPLM (LucaOne's encoder) over the barcode's nucleotides, mean over residues (no CLS/SEP)."""
+
+    def features(self, batch: dict) -> torch.Tensor:
+        from lucatrain.embed import pool
+
+        mask = batch["dna_attention_mask"]
+        hidden = self.encoder(batch["dna_input_ids"], batch["dna_token_type_ids"], mask)
+        return pool(hidden, mask, "mean")
+
+
+def lucagplm_encoder(cfg, recorded: dict | None = None):
+    """The LucaGPLM of the DNA tower: as an export recorded it (`recorded`: its config), from
+    `clibd.dna_lucagplm`, or fresh from the `clibd.dna` sizes; dropout is this run's."""
+    from lucatrain.models.encoder import load_encoder
+    from lucatrain.models.lucagplm import LucaGPLM, LucaGPLMConfig
+
+    c = cfg.clibd
+    rates = {"hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.dropout}
+    if recorded is not None:
+        return LucaGPLM(LucaGPLMConfig(**{**recorded, **rates}))
+    if c.dna_lucagplm:
+        loaded, _ = load_encoder(c.dna_lucagplm)
+        encoder = LucaGPLM(LucaGPLMConfig(**{**loaded.config.to_dict(), **rates}))
+        encoder.load_state_dict(loaded.state_dict())
+        return encoder
+    return LucaGPLM(LucaGPLMConfig(hidden_size=c.dna.hidden_size, num_hidden_layers=c.dna.num_hidden_layers,
+                                   num_attention_heads=c.dna.num_attention_heads, max_position_embeddings=max(1024, c.dna_length + 2),
+                                   **rates))  # fmt: skip
+
+
+def build_towers(cfg, text_vocab_size: int, lucagplm_config: dict | None = None) -> nn.ModuleDict:
+    """The towers `cfg.clibd.modalities` names, sized from the config (`lucagplm_config`: the DNA
+    encoder's config as an export recorded it)."""
     c = cfg.clibd
     towers = {}
     for modality in c.modalities:
         if modality == "image":
             towers[modality] = ImageTower(c.image, c.output_dim, c.dropout)
+        elif modality == "dna" and c.dna_tower == "lucagplm":
+            encoder = lucagplm_encoder(cfg, lucagplm_config)
+            towers[modality] = LucaTower(encoder, encoder.config.hidden_size, c.output_dim)
         elif modality == "dna":
             towers[modality] = BertTower(c.dna, "dna", vocab_size(c.dna_k), 1 + c.dna_length // c.dna_k, pad_id(c.dna_k), c.output_dim,
                                          c.dropout)  # fmt: skip
