@@ -246,3 +246,34 @@ def test_a_lucaone_encoder_as_the_dna_tower(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(vectors, tower(batch).numpy(), rtol=0, atol=1e-6)
     assert vectors.shape == (4, 16) and (tmp_path / "run" / "last" / "dna_encoder" / "model.safetensors").is_file()
+
+
+def test_a_local_hugging_face_tokenizer_for_the_text_tower(tmp_path):
+    """clibd.text_tokenizer: a tokenizer directory (here a WordPiece vocabulary written offline) tokenizes
+    the taxonomy text; the export carries a copy, so embeddings come back without the original."""
+    from transformers import BertTokenizerFast
+
+    from lucatrain.families.clibd import embed
+
+    hdf5 = ClibdHdf5(SAMPLE)
+    words = sorted({w for i in range(hdf5.num_specimens("all_keys")) for w in
+                    " ".join(hdf5.specimen("all_keys", i)["taxonomy"].values()).lower().split()})  # fmt: skip
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(tmp_path / "tokenizer")
+    cfg = load_config("clibd_tiny", clibd_overrides(tmp_path, **{"train.max_steps": 2, "train.eval_steps": 0, "data.dev_splits": "{}",
+                                                                  "train.best_metric": "loss", "clibd.text_tokenizer": tmp_path / "tokenizer"}))  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.train()
+    rows = trainer.train_data.rows(np.arange(3), trainer.columns)
+    batch = trainer.collator(rows, EVAL_EPOCH)
+    assert batch["text_input_ids"][0, 0].item() == 2 and 3 in batch["text_input_ids"][0].tolist()  # [CLS] ... [SEP]
+    shutil.rmtree(tmp_path / "tokenizer")
+    taxonomy = [{rank: rows[rank][i] for rank in ("order", "family", "genus", "species")} for i in range(3)]
+    vectors = embed(tmp_path / "run" / "last", taxonomy=taxonomy)["text"]
+    trainer.task.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(vectors, trainer.task.towers["text"](batch).numpy(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="`clibd.text_tokenizer=.*`: not a Hugging Face tokenizer directory"):
+        Trainer(load_config("clibd_tiny", clibd_overrides(tmp_path / "bad", **{"clibd.text_tokenizer": tmp_path / "nowhere",
+                                                                                "data.dev_splits": "{}", "train.best_metric": "loss"})))

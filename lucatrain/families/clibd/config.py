@@ -103,6 +103,9 @@ class ClibdConfig:
     """The text tower (CLIBD: bert-small, 4 layers of 512)."""
     text_max_length: int = 20
     """Tokens of the taxonomy text ("order family genus species"), [CLS] included."""
+    text_tokenizer: str = ""
+    """A local Hugging Face tokenizer directory for the text tower (e.g. bert-small's, as CLIBD uses);
+    empty: a word vocabulary of the training split's taxonomy names."""
     lora_towers: list[str] = field(default_factory=list)
     """Towers trained through LoRA adapters (peft; rank, alpha and dropout from the `lora` section), their
     base weights frozen; the projections train in full. Empty: every tower trains in full (CLIBD's

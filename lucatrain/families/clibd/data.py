@@ -111,10 +111,13 @@ class ClibdCollator:
     text_max_length: int
     dna_tokens: str = "kmer"
     """'kmer' (the BERT tower) or 'nucleotide' (LucaOne's alphabet, for the lucagplm tower)."""
+    text_tokenizer: str = ""
+    """A local Hugging Face tokenizer directory; empty: `text_vocab`'s words."""
     _open: dict = field(default_factory=dict, repr=False)
+    _tokenizer: object = field(default=None, repr=False)
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_open"} | {"_open": {}}  # handles stay per process
+    def __getstate__(self):  # file handles and the tokenizer are opened again in each process
+        return {k: v for k, v in self.__dict__.items() if k not in ("_open", "_tokenizer")} | {"_open": {}, "_tokenizer": None}
 
     def _file(self, group: str) -> ClibdHdf5:
         if group not in self._open:
@@ -135,6 +138,14 @@ class ClibdCollator:
 
     def text_ids(self, rows: dict) -> tuple[np.ndarray, np.ndarray]:
         batch = len(rows["sample_id"])
+        if self.text_tokenizer:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(self.text_tokenizer)
+            texts = [taxonomy_text({rank: rows[rank][i] for rank in RANKS}) for i in range(batch)]
+            encoded = self._tokenizer(texts, padding="max_length", max_length=self.text_max_length, truncation=True, return_tensors="np")
+            return encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
         ids = np.full((batch, self.text_max_length), PAD, dtype=np.int64)
         for i in range(batch):
             words = taxonomy_text({rank: rows[rank][i] for rank in RANKS}).lower().split()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from lucatrain.families.clibd.task import ClibdTask
 from lucatrain.families.clibd.towers import LucaTower, build_towers
 from lucatrain.models.lora import apply_lora, merge_lora_state_dict
 
-WEIGHTS, INFO = "model.safetensors", "clibd.json"
+WEIGHTS, INFO, TOKENIZER = "model.safetensors", "clibd.json", "text_tokenizer"
 
 
 def build_task(cfg, text_vocab: dict[str, int], with_lora: bool = True, lucagplm_config: dict | None = None) -> ClibdTask:
@@ -36,7 +37,7 @@ def build_task(cfg, text_vocab: dict[str, int], with_lora: bool = True, lucagplm
     c = cfg.clibd
     pairs = pair_graph(c.modalities, c.bind_to or None, [tuple(p) for p in c.exclude_pairs])
     loss = ContrastiveLoss(pairs, Gathering(c.all_gather, c.gather_with_grad, c.local_loss))
-    towers = build_towers(cfg, len(text_vocab), lucagplm_config)
+    towers = build_towers(cfg, len(text_vocab), lucagplm_config, text_vocab.get("[PAD]", 0))
     if with_lora:
         for name in c.lora_towers:
             apply_lora(towers[name].encoder, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, c.lora_target_modules)
@@ -73,7 +74,16 @@ class ClibdFamily(Family):
         return ClibdRecipe(self.cfg.clibd.train_group if split is None else split)
 
     def setup(self, train_data, dev_data: dict) -> None:
-        self.text_vocab = text_vocabulary(train_data.meta.get("text_words", []))
+        c = self.cfg.clibd
+        if c.text_tokenizer:
+            from transformers import AutoTokenizer
+
+            try:
+                self.text_vocab = AutoTokenizer.from_pretrained(c.text_tokenizer).get_vocab()
+            except (OSError, ValueError) as err:
+                raise ValueError(f"`clibd.text_tokenizer={c.text_tokenizer}`: not a Hugging Face tokenizer directory ({err})") from None
+        else:
+            self.text_vocab = text_vocabulary(train_data.meta.get("text_words", []))
         self.files = dict(hdf5_file_of(data) for data in [train_data, *dev_data.values()])
 
     def columns(self) -> tuple[str, ...]:
@@ -82,7 +92,7 @@ class ClibdFamily(Family):
     def collator(self) -> ClibdCollator:
         c = self.cfg.clibd
         return ClibdCollator(self.files, tuple(c.modalities), self.cfg.train.seed, c.image.resize, c.image.crop, c.dna_k,
-                             c.dna_length, self.text_vocab, c.text_max_length, dna_tokens_of(c))  # fmt: skip
+                             c.dna_length, self.text_vocab, c.text_max_length, dna_tokens_of(c), c.text_tokenizer)  # fmt: skip
 
     # ------------------------------------------------------------------ model
 
@@ -130,6 +140,10 @@ class ClibdFamily(Family):
         if info.get("lora"):  # adapters folded into the weights: the export is a plain model
             state = merge_lora_state_dict(state, info["lora"]["r"], info["lora"]["alpha"])
         save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(directory / WEIGHTS), metadata={"format": "pt"})
+        tokenizer = info["clibd"].get("text_tokenizer")
+        if tokenizer and Path(tokenizer).is_dir():  # the export carries its tokenizer: it needs nothing outside itself
+            shutil.copytree(tokenizer, directory / TOKENIZER, dirs_exist_ok=True)
+            info = {**info, "clibd": {**info["clibd"], "text_tokenizer": TOKENIZER}}
         (directory / INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         # Each tower's encoder also as a transformers directory (config.json + weights), e.g. to start
         # another run's tower from it (`clibd.<tower>.pretrained`) or to use it outside lucatrain.
@@ -149,6 +163,8 @@ def load_clibd(directory) -> tuple[ClibdTask, ClibdCollator]:
     info = json.loads((directory / INFO).read_text(encoding="utf-8"))
     cfg = load_config(None, ["model.model_type=clibd"])
     cfg.clibd = _clibd_config(info["clibd"])
+    if cfg.clibd.text_tokenizer:
+        cfg.clibd.text_tokenizer = str(directory / cfg.clibd.text_tokenizer)  # the export's own copy
     task = build_task(cfg, info["text_vocab"], with_lora=False, lucagplm_config=info.get("lucagplm_config"))
     loaded = load_file(str(directory / WEIGHTS))
     expected = task.state_dict()
@@ -159,7 +175,7 @@ def load_clibd(directory) -> tuple[ClibdTask, ClibdCollator]:
     task.load_state_dict({key: loaded[key] for key in expected})
     c = cfg.clibd
     collator = ClibdCollator({}, tuple(c.modalities), info["seed"], c.image.resize, c.image.crop, c.dna_k, c.dna_length,
-                             info["text_vocab"], c.text_max_length, dna_tokens_of(c))  # fmt: skip
+                             info["text_vocab"], c.text_max_length, dna_tokens_of(c), c.text_tokenizer)  # fmt: skip
     return task.eval(), collator
 
 

@@ -124,7 +124,7 @@ def lucagplm_encoder(cfg, recorded: dict | None = None):
                                    **rates))  # fmt: skip
 
 
-def build_towers(cfg, text_vocab_size: int, lucagplm_config: dict | None = None) -> nn.ModuleDict:
+def build_towers(cfg, text_vocab_size: int, lucagplm_config: dict | None = None, text_pad: int = PAD) -> nn.ModuleDict:
     """The towers `cfg.clibd.modalities` names, sized from the config (`lucagplm_config`: the DNA
     encoder's config as an export recorded it)."""
     c = cfg.clibd
@@ -139,5 +139,5 @@ def build_towers(cfg, text_vocab_size: int, lucagplm_config: dict | None = None)
             towers[modality] = BertTower(c.dna, "dna", vocab_size(c.dna_k), 1 + c.dna_length // c.dna_k, pad_id(c.dna_k), c.output_dim,
                                          c.dropout)  # fmt: skip
         else:
-            towers[modality] = BertTower(c.text, "text", text_vocab_size, c.text_max_length, PAD, c.output_dim, c.dropout)
+            towers[modality] = BertTower(c.text, "text", text_vocab_size, c.text_max_length, text_pad, c.output_dim, c.dropout)
     return nn.ModuleDict(towers)
