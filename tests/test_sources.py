@@ -154,7 +154,7 @@ def test_list_input_files_expands_directories_sorted():
     files = list_input_files([DATA])
     assert files == sorted(files)
     assert [str(f.relative_to(DATA)) for f in files] == [
-        "lucaone_sample/dev/dev.csv", "lucaone_sample/test/test.csv", "lucaone_sample/train/train.csv", "rrna_genes.fasta",
+        "clibd_sample.hdf5", "lucaone_sample/dev/dev.csv", "lucaone_sample/test/test.csv", "lucaone_sample/train/train.csv", "rrna_genes.fasta",
         "rrna_type/dev/dev.csv", "rrna_type/test/test.csv", "rrna_type/train/train.csv", "swissprot_sample.dat",
     ]  # fmt: skip
     # label/*.txt are label lists, not Swiss-Prot files, so they are left out.
