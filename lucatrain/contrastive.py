@@ -138,16 +138,17 @@ class ContrastiveLoss:
                 report[f"{name}/loss"] = torch.tensor(0.0)
                 continue
             ea, eb = everyone[a][both], everyone[b][both]
-            targets = _targets(every_label[both] if every_label is not None else None, count, ea.device, ea.dtype)
+            labels_both = every_label[both] if every_label is not None else None
             if g.local_loss and gather:
-                rows = mine[both]  # this rank's samples among those with both modalities
-                pair_sum = _soft_cross_entropy(scale * ea[rows] @ eb.T, targets[rows]).sum() + \
-                    _soft_cross_entropy(scale * eb[rows] @ ea.T, targets[rows]).sum()  # fmt: skip
+                rows = torch.nonzero(mine[both]).flatten()  # this rank's samples among those with both modalities
+                pair_sum = _cross_entropy(scale * ea[rows] @ eb.T, rows, labels_both).sum() + \
+                    _cross_entropy(scale * eb[rows] @ ea.T, rows, labels_both).sum()  # fmt: skip
                 pair_share = pair_sum / (2 * count)
                 value = dist.all_reduce_dict({"v": float(pair_share.detach())}, pair_share.device)["v"]
             else:
                 logits = scale * ea @ eb.T
-                pair_loss = (_soft_cross_entropy(logits, targets).mean() + _soft_cross_entropy(logits.T, targets).mean()) / 2
+                every_row = torch.arange(count, device=ea.device)
+                pair_loss = (_cross_entropy(logits, every_row, labels_both).mean() + _cross_entropy(logits.T, every_row, labels_both).mean()) / 2
                 value = float(pair_loss.detach())
                 if not gather:
                     pair_share = pair_loss / dist.world_size()  # local negatives: the mean of the ranks' losses
@@ -173,15 +174,17 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
-def _targets(labels: torch.Tensor | None, count: int, device, dtype) -> torch.Tensor:
-    """(count, count) target distribution per row: the diagonal, or with labels every sample that shares
-    the row's label (a label < 0 means none: only the sample itself), each row summing to 1."""
+def _cross_entropy(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Per-row cross entropy of `logits` (R, C), row i's positive being column `rows[i]`; with `labels`
+    (C,), every column that shares row i's label (>= 0) is a positive too, the target row summing to 1.
+    One positive needs no (R, C) target matrix: the logits and their softmax are all the memory."""
     if labels is None:
-        return torch.eye(count, dtype=dtype, device=device)
-    same = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
-    same |= torch.eye(count, dtype=torch.bool, device=device)
-    same = same.to(dtype)
-    return same / same.sum(dim=1, keepdim=True)
+        return F.cross_entropy(logits, rows, reduction="none")
+    own = labels[rows]
+    same = (own[:, None] == labels[None, :]) & (own[:, None] >= 0)
+    same[torch.arange(len(rows), device=logits.device), rows] = True
+    targets = same.to(logits.dtype)
+    return _soft_cross_entropy(logits, targets / targets.sum(dim=1, keepdim=True))
 
 
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
