@@ -277,3 +277,39 @@ def test_a_local_hugging_face_tokenizer_for_the_text_tower(tmp_path):
     with pytest.raises(ValueError, match="`clibd.text_tokenizer=.*`: not a Hugging Face tokenizer directory"):
         Trainer(load_config("clibd_tiny", clibd_overrides(tmp_path / "bad", **{"clibd.text_tokenizer": tmp_path / "nowhere",
                                                                                 "data.dev_splits": "{}", "train.best_metric": "loss"})))
+
+
+def test_bioscan5m_metadata_table_with_an_image_folder(tmp_path):
+    """BIOSCAN-5M's metadata layout (CSV with processid, sampleid, the ranks, dna_barcode, split, chunk)
+    and its image folder (<split>/<chunk>/<processid>.jpg) train like the HDF5 layout; CLIBD's groups are
+    unions of splits; a missing image is named with the table's line."""
+    hdf5 = ClibdHdf5(SAMPLE)
+    lines = ["processid,sampleid,phylum,class,order,family,subfamily,genus,species,dna_bin,dna_barcode,split,chunk"]
+    for group, split in (("no_split_and_seen_train", "train"), ("val_seen", "val"), ("val_unseen", "val_unseen"),
+                         ("unseen_keys", "key_unseen")):  # fmt: skip
+        for i in range(8):
+            s = hdf5.specimen(group, i)
+            folder = tmp_path / "images" / split / "1"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{s['processid']}.jpg").write_bytes(s["image"])
+            t = s["taxonomy"]
+            lines.append(f"{s['processid']},{s['sampleid']},Arthropoda,Insecta,,,,{t['genus']},{t['species']},BOLD:X,{s['barcode']},{split},1")
+    table = tmp_path / "BIOSCAN_5M_Insect_Dataset_metadata.csv"
+    table.write_text("\n".join(lines) + "\n")
+    from lucatrain.data.sources import detect_format
+
+    assert detect_format(table) == "bioscan_table"
+    splits = f"{{val_seen: [{table}], val_unseen: [{table}], all_keys: [{table}]}}"
+    cfg = load_config("clibd_tiny", clibd_overrides(tmp_path, sample=table, **{"data.dev_splits": splits, "clibd.image_dir": tmp_path / "images",
+                                                                                "train.max_steps": 2, "train.eval_steps": 2, "train.batch_size": 4}))  # fmt: skip
+    trainer = Trainer(cfg)
+    assert len(trainer.train_data) == 8 and len(trainer.dev_data["all_keys"]) == 16  # all_keys = train + key_unseen
+    assert trainer.train_data.rows([0], ["order"])["order"] == ["not_classified"]  # an empty rank
+    trainer.train()
+    assert "eval/val_seen/image_to_dna/genus/top1_micro" in read_history(tmp_path / "run")[-1]
+    missing = sorted((tmp_path / "images" / "val" / "1").iterdir())[0]
+    missing.unlink()
+    cfg = load_config("clibd_tiny", clibd_overrides(tmp_path / "again", sample=table, **{"data.dev_splits": splits,
+                                                                                          "clibd.image_dir": tmp_path / "images"}))  # fmt: skip
+    with pytest.raises(ValueError, match=rf"BIOSCAN_5M_Insect_Dataset_metadata\.csv:1\d: {missing.stem}: image .* not found"):
+        Trainer(cfg)

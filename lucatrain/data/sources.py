@@ -676,6 +676,37 @@ register_source(Source("fasta", _iter_fasta, (".fa", ".fasta", ".fna", ".faa", "
 register_source(Source("fastq", _iter_fastq, (".fastq", ".fq")))
 register_source(Source("swissprot", _iter_swissprot, (".dat", ".swiss", ".sp", ".txt"), sniff=lambda p: _starts_with(p, b"ID   "),
                        sniff_extensions=(".txt",), sniff_hint="a .txt input must be a Swiss-Prot flat file starting with an 'ID   ' line"))  # fmt: skip
+# BIOSCAN-5M's metadata table (processid, sampleid, phylum ... species, dna_bin, dna_barcode, split), as
+# CSV, TSV or Parquet: sniffed by its columns, read by the clibd family's recipe (with an image folder).
+BIOSCAN_COLUMNS = ("processid", "dna_barcode", "split")
+
+
+def _is_bioscan_table(path: Path) -> bool:
+    name, _ = _strip_compression(path.name)
+    if name.lower().endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+
+            names = set(pq.ParquetFile(path).schema_arrow.names)
+        except Exception:  # noqa: BLE001  (not a readable Parquet file: not this format)
+            return False
+    else:
+        try:
+            with _open_binary(path) as f:
+                header = f.readline().decode("utf-8", errors="replace").removeprefix("\ufeff").strip()
+        except (OSError, EOFError, lzma.LZMAError):
+            return False
+        names = set(header.split(_delimiter(path)))
+    return all(column in names for column in BIOSCAN_COLUMNS)
+
+
+def _iter_bioscan_table(path: Path, fasta_obj_type: str = "auto"):
+    raise RecordError(path, None, "a BIOSCAN-5M metadata table is read by the clibd family (model.model_type=clibd), with "
+                                  "`clibd.image_dir`")  # fmt: skip
+
+
+register_source(Source("bioscan_table", _iter_bioscan_table, (".csv", ".tsv", ".parquet"), compressed_ok=False,
+                       sniff=_is_bioscan_table, sniff_extensions=(".csv", ".tsv", ".parquet")))  # fmt: skip
 register_source(Source("parquet", _iter_parquet, (".parquet",), compressed_ok=False))
 register_source(Source("jsonl", _iter_jsonl, (".jsonl", ".json")))
 

@@ -75,6 +75,9 @@ class ClibdConfig:
     multi_positive: str = ""
     """A rank (order, family, genus, species) whose shared names make samples positives of each other;
     empty: one positive per sample."""
+    image_dir: str = ""
+    """With BIOSCAN-5M metadata tables (CSV/TSV/Parquet with processid, dna_barcode, split, the ranks) as
+    inputs instead of CLIBD's HDF5: the folder of their images."""
     train_group: str = "no_split_and_seen_train"
     """The HDF5 group the training files are read from; a dev split's group is its name (`data.dev_splits`)."""
     key_split: str = "all_keys"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from lucatrain.data.barcode import kmer_tokens
 from lucatrain.data.clibd_hdf5 import RANKS, ClibdHdf5
 from lucatrain.data.images import decode, eval_view, train_view, view_rng
 from lucatrain.data.schema import Column, PrepareRecipe, Schema
-from lucatrain.data.sources import Record
+from lucatrain.data.sources import Record, RecordError
 from lucatrain.task import EVAL_EPOCH
 
 BARCODE_LETTERS = set(alphabet.GENE_LETTERS + "-")  # BIOSCAN barcodes hold IUPAC codes and gaps
@@ -34,9 +35,15 @@ NOT_CLASSIFIED = "not_classified"
 
 CLIBD_SCHEMA = Schema((
     Column("specimen_id", "string"), Column("group", "string"), Column("index", "int"),
-    Column("barcode", "large_string"), *(Column(rank, "string") for rank in RANKS),
+    Column("barcode", "large_string"), *(Column(rank, "string") for rank in RANKS), Column("image_path", "string"),
 ))  # fmt: skip
-COLUMNS = ("sample_id", "group", "index", "barcode", *RANKS)
+COLUMNS = ("sample_id", "group", "index", "barcode", *RANKS, "image_path")
+
+# BIOSCAN-5M's `split` values that make up each of CLIBD's groups (its HDF5 writer's grouping).
+SPLITS_OF_GROUP = {
+    "no_split_and_seen_train": ("pretrain", "train"), "seen_keys": ("train",), "unseen_keys": ("key_unseen",),
+    "all_keys": ("key_unseen", "train"), "val_seen": ("val",), "test_seen": ("test",),
+}  # fmt: skip
 
 
 def taxonomy_text(ranks: dict) -> str:
@@ -53,19 +60,25 @@ def name_id(name: str) -> int:
 
 
 class ClibdRecipe(PrepareRecipe):
-    """One group of CLIBD-layout HDF5 files -> rows (module docstring)."""
+    """One group of CLIBD-layout HDF5 files, or of BIOSCAN-5M metadata tables with an image folder, -> rows
+    (module docstring)."""
 
     name = "clibd"
     schema = CLIBD_SCHEMA
-    formats = ("clibd_hdf5",)
+    formats = ("clibd_hdf5", "bioscan_table")
 
-    def __init__(self, group: str):
+    def __init__(self, group: str, image_dir: str = ""):
         self.group = group
+        self.image_dir = image_dir
 
     def fingerprint_options(self) -> dict:
-        return {"recipe": self.name, "group": self.group}
+        # "layout" changes whenever the columns do, so a cached dataset of older columns is never reused.
+        return {"recipe": self.name, "layout": 2, "group": self.group, **({"image_dir": self.image_dir} if self.image_dir else {})}
 
     def read(self, path, fmt: str, fasta_obj_type: str):
+        if fmt == "bioscan_table":
+            yield from self._read_table(Path(path))
+            return
         data = ClibdHdf5(path)
         for index in range(data.num_specimens(self.group)):
             row = data.specimen(self.group, index)
@@ -73,8 +86,55 @@ class ClibdRecipe(PrepareRecipe):
             if problem is not None:
                 yield problem
                 continue
-            extra = {"group": self.group, **row["taxonomy"]}
+            extra = {"group": self.group, "image_path": "", **row["taxonomy"]}
             yield Record(data.specimen_id(row), alphabet.GENE, row["barcode"].upper(), "{}", str(path), index + 1, index, extra)
+
+    def _read_table(self, path: Path):
+        """The rows of a BIOSCAN-5M metadata table whose `split` belongs to this group; images from
+        `clibd.image_dir`: `<split>/<chunk>/<processid>.jpg` (the dataset's layout) when the table has a
+        `chunk` column, else `image_file`, else `<processid>.jpg`."""
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        if not self.image_dir:
+            raise RecordError(path, None, "a BIOSCAN-5M metadata table needs `clibd.image_dir`, the folder of its images")
+        if path.name.lower().endswith(".parquet"):
+            table = pq.read_table(path)
+        else:
+            delimiter = "\t" if path.name.lower().endswith(".tsv") else ","
+            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                                   convert_options=pacsv.ConvertOptions(strings_can_be_null=True,
+                                                                        column_types={c: "string" for c in ("processid", "sampleid", "chunk")}))  # fmt: skip
+        columns = table.to_pydict()
+        wanted = set(SPLITS_OF_GROUP.get(self.group, (self.group,)))
+        root = Path(self.image_dir)
+        for index, split in enumerate(columns["split"]):
+            if split not in wanted:
+                continue
+            line = index + 2  # the header is line 1
+            processid = (columns["processid"][index] or "").strip()
+            barcode = (columns["dna_barcode"][index] or "").strip()
+            ranks = {rank: (columns[rank][index] or "").strip() or NOT_CLASSIFIED if rank in columns else NOT_CLASSIFIED for rank in RANKS}
+            if "chunk" in columns and columns["chunk"][index]:
+                image = root / split / str(columns["chunk"][index]) / f"{processid}.jpg"
+            elif "image_file" in columns and columns["image_file"][index]:
+                image = root / columns["image_file"][index]
+            else:
+                image = root / f"{processid}.jpg"
+            problem = None
+            if not processid:
+                problem = "no processid"
+            elif not barcode:
+                problem = f"{processid}: empty dna_barcode"
+            elif not image.is_file():
+                problem = f"{processid}: image {image} not found"
+            else:
+                problem = _undecodable(image)
+            if problem:
+                yield RecordError(path, line, problem)
+                continue
+            extra = {"group": self.group, "image_path": str(image), **ranks}
+            yield Record(processid, alphabet.GENE, barcode.upper(), "{}", str(path), line, index, extra)
 
     def start(self) -> None:
         self.words: set[str] = set()
@@ -86,7 +146,8 @@ class ClibdRecipe(PrepareRecipe):
                              "are not nucleotide codes")  # fmt: skip
         ranks = {rank: record.extra[rank] for rank in RANKS}
         self.words.update(taxonomy_text(ranks).lower().split())
-        return {"specimen_id": record.obj_id, "group": record.extra["group"], "index": record.index, "barcode": record.seq, **ranks}
+        return {"specimen_id": record.obj_id, "group": record.extra["group"], "index": record.index, "barcode": record.seq, **ranks,
+                "image_path": record.extra["image_path"]}  # fmt: skip
 
     def length(self, record) -> int:
         return len(record.seq)
@@ -128,8 +189,8 @@ class ClibdCollator:
 
     def images(self, rows: dict, epoch: int) -> torch.Tensor:
         views = []
-        for sample_id, group, index in zip(rows["sample_id"], rows["group"], rows["index"]):
-            image = decode(self._file(group).specimen(group, index)["image"])
+        for sample_id, group, index, path in zip(rows["sample_id"], rows["group"], rows["index"], rows["image_path"]):
+            image = decode(Path(path).read_bytes() if path else self._file(group).specimen(group, index)["image"])
             if epoch == EVAL_EPOCH:
                 views.append(eval_view(image, self.resize, self.crop))
             else:
@@ -190,9 +251,20 @@ def text_vocabulary(words: list[str]) -> dict[str, int]:
     return vocab
 
 
-def hdf5_file_of(data) -> tuple[str, str]:
-    """(group, HDF5 path) a prepared CLIBD split was read from."""
-    files = data.meta["files"]
-    if len(files) != 1:
+def hdf5_files_of(data) -> dict[str, str]:
+    """{group: HDF5 path} of a prepared CLIBD split (empty for a split read from metadata tables)."""
+    files = [f for f in data.meta["files"] if f["format"] == "clibd_hdf5"]
+    if len(files) > 1:
         raise ValueError(f"{data.path}: a CLIBD split is read from one HDF5 file, this one from {len(files)}")
-    return data.meta["recipe_options"]["group"], files[0]["path"]
+    return {data.meta["recipe_options"]["group"]: files[0]["path"]} if files else {}
+
+
+def _undecodable(image: Path) -> str | None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as opened:
+            opened.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        return f"image {image} does not decode: {err}"
+    return None

@@ -23,7 +23,7 @@ from lucatrain.contrastive import ContrastiveLoss, Gathering, LogitScaleClamp, p
 from lucatrain.families import register_family
 from lucatrain.families.base import Family
 from lucatrain.families.clibd.config import ClibdConfig
-from lucatrain.families.clibd.data import COLUMNS, ClibdCollator, ClibdRecipe, hdf5_file_of, text_vocabulary
+from lucatrain.families.clibd.data import COLUMNS, ClibdCollator, ClibdRecipe, hdf5_files_of, text_vocabulary
 from lucatrain.families.clibd.task import ClibdTask
 from lucatrain.families.clibd.towers import LucaTower, build_towers
 from lucatrain.models.lora import apply_lora, merge_lora_state_dict
@@ -71,7 +71,7 @@ class ClibdFamily(Family):
     # ------------------------------------------------------------------ data
 
     def prepare_recipe(self, split: str | None = None) -> ClibdRecipe:
-        return ClibdRecipe(self.cfg.clibd.train_group if split is None else split)
+        return ClibdRecipe(self.cfg.clibd.train_group if split is None else split, self.cfg.clibd.image_dir)
 
     def setup(self, train_data, dev_data: dict) -> None:
         c = self.cfg.clibd
@@ -84,7 +84,7 @@ class ClibdFamily(Family):
                 raise ValueError(f"`clibd.text_tokenizer={c.text_tokenizer}`: not a Hugging Face tokenizer directory ({err})") from None
         else:
             self.text_vocab = text_vocabulary(train_data.meta.get("text_words", []))
-        self.files = dict(hdf5_file_of(data) for data in [train_data, *dev_data.values()])
+        self.files = {group: path for data in [train_data, *dev_data.values()] for group, path in hdf5_files_of(data).items()}
 
     def columns(self) -> tuple[str, ...]:
         return COLUMNS
