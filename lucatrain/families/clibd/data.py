@@ -1,10 +1,12 @@
-"""CLIBD data: one HDF5 group per prepared split, and the collator that reads images lazily.
+"""CLIBD data: one HDF5 group (or the splits of a BIOSCAN-5M metadata table) per prepared split, and
+the collator that reads images lazily.
 
-Prepare stores, per specimen, everything but the image: its id, HDF5 group and row, the barcode and
-the four ranks (the JPEG stays in the HDF5 file; copying BIOSCAN-5M's images would double its size).
-Each row is checked once (`ClibdHdf5.check`: ids, barcode, an image that decodes, taxonomy), so a bad
-specimen is refused or skipped under `data.bad_records` before any compute, named by file, group and
-index. The training split's words (of the four ranks) become the text vocabulary in meta.json.
+Prepare stores, per specimen, everything but the image: its id, HDF5 group and row (or its image
+file), the barcode and the four ranks (the JPEG stays where it is; copying BIOSCAN-5M's images would
+double its size). Each row is checked once (ids, barcode, an image that decodes, taxonomy), so a bad
+specimen is refused or skipped under `data.bad_records` before any compute, named by file and group
+and index (HDF5) or file and line (tables). The training split's words (of the four ranks) become the
+text vocabulary in meta.json.
 
 The collator turns rows into tensors; every random choice (the image view) comes from (seed, epoch,
 sample id), and the JPEG is read through a per-process handle, so DataLoader workers, resumes and
