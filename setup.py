@@ -33,6 +33,7 @@ setup(
         "faiss-cpu>=1.7",
         "h5py>=3",
         "Pillow>=9",
+        "sentencepiece>=0.1.99",  # the clibd text tokenizer trained at start-up
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["lucatrain=lucatrain.cli:main"]},

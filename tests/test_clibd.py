@@ -313,3 +313,26 @@ def test_bioscan5m_metadata_table_with_an_image_folder(tmp_path):
                                                                                           "clibd.image_dir": tmp_path / "images"}))  # fmt: skip
     with pytest.raises(ValueError, match=rf"BIOSCAN_5M_Insect_Dataset_metadata\.csv:1\d: {missing.stem}: image .* not found"):
         Trainer(cfg)
+
+
+def test_a_sentencepiece_tokenizer_trained_on_the_training_texts(tmp_path):
+    """clibd.text_tokenizer=sentencepiece: a unigram model learnt at start-up from the training split's
+    taxonomy texts ([PAD] 0, [UNK] 1, [CLS] 2); the export carries it, and embeddings come back."""
+    from lucatrain.families.clibd import embed
+
+    cfg = load_config("clibd_tiny", clibd_overrides(tmp_path, **{"train.max_steps": 2, "train.eval_steps": 0, "data.dev_splits": "{}",
+                                                                  "train.best_metric": "loss", "clibd.text_tokenizer": "sentencepiece",
+                                                                  "clibd.text_vocab_size": 60}))  # fmt: skip
+    trainer = Trainer(cfg)
+    vocab = trainer.family.text_vocab
+    assert [vocab["[PAD]"], vocab["[UNK]"], vocab["[CLS]"]] == [0, 1, 2] and 10 < len(vocab) <= 60
+    rows = trainer.train_data.rows(np.arange(3), trainer.columns)
+    batch = trainer.collator(rows, EVAL_EPOCH)
+    ids = batch["text_input_ids"]
+    assert (ids[:, 0] == 2).all() and (ids[:, 1:] > 0).sum() > 6 and (ids != 1).all()  # [CLS], pieces, no [UNK]
+    trainer.train()
+    taxonomy = [{rank: rows[rank][i] for rank in ("order", "family", "genus", "species")} for i in range(3)]
+    vectors = embed(tmp_path / "run" / "last", taxonomy=taxonomy)["text"]
+    trainer.task.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(vectors, trainer.task.towers["text"](batch).numpy(), rtol=0, atol=1e-6)

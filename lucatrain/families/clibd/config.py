@@ -108,7 +108,10 @@ class ClibdConfig:
     """Tokens of the taxonomy text ("order family genus species"), [CLS] included."""
     text_tokenizer: str = ""
     """A local Hugging Face tokenizer directory for the text tower (e.g. bert-small's, as CLIBD uses);
-    empty: a word vocabulary of the training split's taxonomy names."""
+    'sentencepiece': a SentencePiece model trained at start-up on the training split's taxonomy texts
+    (`text_vocab_size` pieces at most); empty: a word vocabulary of the training split's taxonomy names."""
+    text_vocab_size: int = 1000
+    """The SentencePiece model's vocabulary size (at most; fewer when the texts hold fewer pieces)."""
     lora_towers: list[str] = field(default_factory=list)
     """Towers trained through LoRA adapters (peft; rank, alpha and dropout from the `lora` section), their
     base weights frozen; the projections train in full. Empty: every tower trains in full (CLIBD's
@@ -176,6 +179,8 @@ class ClibdConfig:
         if self.qlora:
             raise ConfigError("`clibd.qlora`: QLoRA (4-bit base weights through bitsandbytes, CUDA only) is not built yet; "
                               "use `clibd.lora_towers` for LoRA on full-precision weights")  # fmt: skip
+        if self.text_vocab_size < 8:
+            raise ConfigError(f"`clibd.text_vocab_size` must be >= 8, got {self.text_vocab_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"`clibd.dropout` must be in [0, 1), got {self.dropout}")
         if self.output_dim < 1 or self.text_max_length < 2:

@@ -34,6 +34,7 @@ BARCODE_LETTERS = set(alphabet.GENE_LETTERS + "-")  # BIOSCAN barcodes hold IUPA
 TEXT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]")
 PAD, UNK, CLS = 0, 1, 2
 NOT_CLASSIFIED = "not_classified"
+SENTENCEPIECE = "sentencepiece"  # `clibd.text_tokenizer`: a model trained at start-up on the training texts
 
 CLIBD_SCHEMA = Schema((
     Column("specimen_id", "string"), Column("group", "string"), Column("index", "int"),
@@ -75,7 +76,7 @@ class ClibdRecipe(PrepareRecipe):
 
     def fingerprint_options(self) -> dict:
         # "layout" changes whenever the columns do, so a cached dataset of older columns is never reused.
-        return {"recipe": self.name, "layout": 2, "group": self.group, **({"image_dir": self.image_dir} if self.image_dir else {})}
+        return {"recipe": self.name, "layout": 3, "group": self.group, **({"image_dir": self.image_dir} if self.image_dir else {})}
 
     def read(self, path, fmt: str, fasta_obj_type: str):
         if fmt == "bioscan_table":
@@ -140,6 +141,7 @@ class ClibdRecipe(PrepareRecipe):
 
     def start(self) -> None:
         self.words: set[str] = set()
+        self.texts: set[str] = set()
 
     def row(self, record) -> dict:
         bad = sorted(set(record.seq) - BARCODE_LETTERS)
@@ -147,7 +149,9 @@ class ClibdRecipe(PrepareRecipe):
             raise ValueError(f"group {record.extra['group']!r} index {record.index} ({record.obj_id}): barcode letters {bad} "
                              "are not nucleotide codes")  # fmt: skip
         ranks = {rank: record.extra[rank] for rank in RANKS}
-        self.words.update(taxonomy_text(ranks).lower().split())
+        text = taxonomy_text(ranks).lower()
+        self.words.update(text.split())
+        self.texts.add(text)
         return {"specimen_id": record.obj_id, "group": record.extra["group"], "index": record.index, "barcode": record.seq, **ranks,
                 "image_path": record.extra["image_path"]}  # fmt: skip
 
@@ -155,7 +159,8 @@ class ClibdRecipe(PrepareRecipe):
         return len(record.seq)
 
     def meta(self) -> dict:
-        return {"text_words": sorted(self.words)}
+        # The distinct texts are few (taxa repeat): a SentencePiece model can be trained on them at start-up.
+        return {"text_words": sorted(self.words), "texts": sorted(self.texts)}
 
 
 @dataclass
@@ -175,7 +180,10 @@ class ClibdCollator:
     dna_tokens: str = "kmer"
     """'kmer' (the BERT tower) or 'nucleotide' (LucaOne's alphabet, for the lucagplm tower)."""
     text_tokenizer: str = ""
-    """A local Hugging Face tokenizer directory; empty: `text_vocab`'s words."""
+    """A local Hugging Face tokenizer directory, 'sentencepiece' (the model in `text_spm`), or empty:
+    `text_vocab`'s words."""
+    text_spm: bytes = b""
+    """The serialized SentencePiece model, with text_tokenizer 'sentencepiece'."""
     _open: dict = field(default_factory=dict, repr=False)
     _tokenizer: object = field(default=None, repr=False)
 
@@ -201,6 +209,17 @@ class ClibdCollator:
 
     def text_ids(self, rows: dict) -> tuple[np.ndarray, np.ndarray]:
         batch = len(rows["sample_id"])
+        if self.text_tokenizer == SENTENCEPIECE:
+            if self._tokenizer is None:
+                import sentencepiece
+
+                self._tokenizer = sentencepiece.SentencePieceProcessor(model_proto=self.text_spm)
+            ids = np.full((batch, self.text_max_length), PAD, dtype=np.int64)
+            for i in range(batch):
+                text = taxonomy_text({rank: rows[rank][i] for rank in RANKS}).lower()
+                tokens = ([CLS] + self._tokenizer.encode(text))[: self.text_max_length]
+                ids[i, : len(tokens)] = tokens
+            return ids, (ids != PAD).astype(np.int64)
         if self.text_tokenizer:
             if self._tokenizer is None:
                 from transformers import AutoTokenizer
@@ -243,6 +262,32 @@ class ClibdCollator:
         out["taxon_ids"] = torch.tensor([[name_id(rows[rank][i]) for rank in RANKS] for i in range(len(rows["sample_id"]))],
                                         dtype=torch.int64).reshape(-1, len(RANKS))  # fmt: skip
         return out
+
+
+def train_sentencepiece(texts: list[str], vocab_size: int) -> bytes:
+    """A SentencePiece unigram model of `texts` (the training split's distinct taxonomy texts), with
+    [PAD] 0, [UNK] 1 and [CLS] 2 as the word vocabulary has them; its vocabulary is at most
+    `vocab_size` (fewer when the texts hold fewer pieces)."""
+    import io
+
+    import sentencepiece
+
+    if not texts:
+        raise ValueError("`clibd.text_tokenizer=sentencepiece`: the training split has no taxonomy text to learn from")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, hard_vocab_limit=False,
+        model_type="unigram", pad_id=PAD, unk_id=UNK, bos_id=CLS, eos_id=-1, pad_piece="[PAD]", unk_piece="[UNK]",
+        bos_piece="[CLS]", character_coverage=1.0, num_threads=1, minloglevel=2,
+    )  # fmt: skip
+    return model.getvalue()
+
+
+def sentencepiece_vocabulary(model: bytes) -> dict[str, int]:
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model)
+    return {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
 
 
 def text_vocabulary(words: list[str]) -> dict[str, int]:

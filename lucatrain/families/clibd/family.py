@@ -9,6 +9,7 @@ retrieval) and lucatrain/contrastive.py (the exact loss and its gathering modes)
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import shutil
@@ -18,12 +19,22 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lucatrain import dist
 from lucatrain.config import ConfigError
 from lucatrain.contrastive import ContrastiveLoss, Gathering, LogitScaleClamp, pair_graph
 from lucatrain.families import register_family
 from lucatrain.families.base import Family
 from lucatrain.families.clibd.config import ClibdConfig
-from lucatrain.families.clibd.data import COLUMNS, ClibdCollator, ClibdRecipe, hdf5_files_of, text_vocabulary
+from lucatrain.families.clibd.data import (
+    COLUMNS,
+    SENTENCEPIECE,
+    ClibdCollator,
+    ClibdRecipe,
+    hdf5_files_of,
+    sentencepiece_vocabulary,
+    text_vocabulary,
+    train_sentencepiece,
+)
 from lucatrain.families.clibd.task import ClibdTask
 from lucatrain.families.clibd.towers import LucaTower, build_towers
 from lucatrain.models.lora import apply_lora, merge_lora_state_dict
@@ -75,7 +86,13 @@ class ClibdFamily(Family):
 
     def setup(self, train_data, dev_data: dict) -> None:
         c = self.cfg.clibd
-        if c.text_tokenizer:
+        self.text_spm = b""
+        if c.text_tokenizer == SENTENCEPIECE:
+            # Trained on rank 0 and broadcast: every rank tokenizes with the very same model.
+            model = train_sentencepiece(train_data.meta.get("texts", []), c.text_vocab_size) if dist.is_main() else None
+            self.text_spm = dist.broadcast_object(model)
+            self.text_vocab = sentencepiece_vocabulary(self.text_spm)
+        elif c.text_tokenizer:
             from transformers import AutoTokenizer
 
             try:
@@ -92,7 +109,8 @@ class ClibdFamily(Family):
     def collator(self) -> ClibdCollator:
         c = self.cfg.clibd
         return ClibdCollator(self.files, tuple(c.modalities), self.cfg.train.seed, c.image.resize, c.image.crop, c.dna_k,
-                             c.dna_length, self.text_vocab, c.text_max_length, dna_tokens_of(c), c.text_tokenizer)  # fmt: skip
+                             c.dna_length, self.text_vocab, c.text_max_length, dna_tokens_of(c), c.text_tokenizer,
+                             self.text_spm)  # fmt: skip
 
     # ------------------------------------------------------------------ model
 
@@ -129,7 +147,7 @@ class ClibdFamily(Family):
         dna = task.towers["dna"] if "dna" in task.towers else None
         lucagplm = dna.encoder.config.to_dict() if isinstance(dna, LucaTower) else None
         return {"clibd": dataclasses.asdict(self.cfg.clibd), "text_vocab": self.text_vocab, "seed": self.cfg.train.seed, "lora": lora,
-                "lucagplm_config": lucagplm}  # fmt: skip
+                "lucagplm_config": lucagplm, "text_spm": base64.b64encode(self.text_spm).decode() if self.text_spm else ""}  # fmt: skip
 
     @classmethod
     def export(cls, directory: Path, state: dict, info: dict, with_heads: bool = True) -> None:
@@ -141,7 +159,7 @@ class ClibdFamily(Family):
             state = merge_lora_state_dict(state, info["lora"]["r"], info["lora"]["alpha"])
         save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(directory / WEIGHTS), metadata={"format": "pt"})
         tokenizer = info["clibd"].get("text_tokenizer")
-        if tokenizer and Path(tokenizer).is_dir():  # the export carries its tokenizer: it needs nothing outside itself
+        if tokenizer and tokenizer != SENTENCEPIECE and Path(tokenizer).is_dir():  # the export carries its tokenizer: it needs nothing outside itself
             shutil.copytree(tokenizer, directory / TOKENIZER, dirs_exist_ok=True)
             info = {**info, "clibd": {**info["clibd"], "text_tokenizer": TOKENIZER}}
         (directory / INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
@@ -163,7 +181,7 @@ def load_clibd(directory) -> tuple[ClibdTask, ClibdCollator]:
     info = json.loads((directory / INFO).read_text(encoding="utf-8"))
     cfg = load_config(None, ["model.model_type=clibd"])
     cfg.clibd = _clibd_config(info["clibd"])
-    if cfg.clibd.text_tokenizer:
+    if cfg.clibd.text_tokenizer and cfg.clibd.text_tokenizer != SENTENCEPIECE:
         cfg.clibd.text_tokenizer = str(directory / cfg.clibd.text_tokenizer)  # the export's own copy
     task = build_task(cfg, info["text_vocab"], with_lora=False, lucagplm_config=info.get("lucagplm_config"))
     loaded = load_file(str(directory / WEIGHTS))
@@ -175,7 +193,8 @@ def load_clibd(directory) -> tuple[ClibdTask, ClibdCollator]:
     task.load_state_dict({key: loaded[key] for key in expected})
     c = cfg.clibd
     collator = ClibdCollator({}, tuple(c.modalities), info["seed"], c.image.resize, c.image.crop, c.dna_k, c.dna_length,
-                             info["text_vocab"], c.text_max_length, dna_tokens_of(c), c.text_tokenizer)  # fmt: skip
+                             info["text_vocab"], c.text_max_length, dna_tokens_of(c), c.text_tokenizer,
+                             base64.b64decode(info.get("text_spm") or ""))  # fmt: skip
     return task.eval(), collator
 
 
