@@ -336,3 +336,31 @@ def test_a_sentencepiece_tokenizer_trained_on_the_training_texts(tmp_path):
     trainer.task.eval()
     with torch.no_grad():
         np.testing.assert_allclose(vectors, trainer.task.towers["text"](batch).numpy(), rtol=0, atol=1e-6)
+
+
+def test_specimens_without_an_image_train_their_other_pairs(tmp_path):
+    """clibd.allow_missing_images: a specimen with no image bytes keeps its DNA-text pair (its image rows
+    are masked out of the loss and of image retrieval); without the switch it is a bad record."""
+    data = ClibdHdf5(SAMPLE)
+    groups = {g: [data.specimen(g, i) for i in range(12)] for g in ("no_split_and_seen_train", "val_seen", "val_unseen", "all_keys")}
+    for group in ("no_split_and_seen_train", "all_keys"):
+        for i in (1, 4, 7):
+            groups[group][i]["image"] = b""
+    path = write_clibd_hdf5(tmp_path / "gaps.hdf5", groups)
+    with pytest.raises(ValueError, match=r"group 'no_split_and_seen_train' index 1 .*no image bytes"):
+        Trainer(load_config("clibd_tiny", clibd_overrides(tmp_path / "strict", sample=path)))
+    cfg = load_config("clibd_tiny", clibd_overrides(tmp_path, sample=path, **{"clibd.allow_missing_images": "true", "train.max_steps": 3,
+                                                                              "train.eval_steps": 3, "train.batch_size": 12}))  # fmt: skip
+    trainer = Trainer(cfg)
+    assert trainer.train_data.rows(range(12), ["has_image"])["has_image"] == [i not in (1, 4, 7) for i in range(12)]
+    batch = trainer.collator(trainer.train_data.rows(range(12), trainer.columns), 0)
+    assert batch["image_present"].tolist() == [i not in (1, 4, 7) for i in range(12)] and float(batch["image"][1].abs().sum()) == 0
+    _, report = trainer.task(batch, {"micro_batches": 1.0})
+    # 9 samples in the image pairs, all 12 in the DNA-text pair.
+    loss_fn = trainer.task.loss
+    z = trainer.task.embed(batch)
+    _, counts = loss_fn(z, trainer.task.present(batch, 12), trainer.task.logit_scale)
+    assert (counts["image_dna/count"], counts["image_text/count"], counts["dna_text/count"]) == (9, 9, 12)
+    trainer.train()
+    final = read_history(tmp_path / "run")[-1]
+    assert np.isfinite(final["eval/val_seen/image_to_dna/genus/top1_micro"])

@@ -78,6 +78,10 @@ class ClibdConfig:
     image_dir: str = ""
     """With BIOSCAN-5M metadata tables (CSV/TSV/Parquet with processid, dna_barcode, split, the ranks) as
     inputs instead of CLIBD's HDF5: the folder of their images."""
+    allow_missing_images: bool = False
+    """A specimen without an image (image_mask 0 in the HDF5 file): by default a bad record (CLIBD's
+    data has an image for every specimen); true: it trains the pairs it has (DNA-text) and is left out
+    of image retrieval."""
     train_group: str = "no_split_and_seen_train"
     """The HDF5 group the training files are read from; a dev split's group is its name (`data.dev_splits`)."""
     key_split: str = "all_keys"

@@ -39,14 +39,28 @@ SENTENCEPIECE = "sentencepiece"  # `clibd.text_tokenizer`: a model trained at st
 CLIBD_SCHEMA = Schema((
     Column("specimen_id", "string"), Column("group", "string"), Column("index", "int"),
     Column("barcode", "large_string"), *(Column(rank, "string") for rank in RANKS), Column("image_path", "string"),
+    Column("has_image", "bool"),
 ))  # fmt: skip
-COLUMNS = ("sample_id", "group", "index", "barcode", *RANKS, "image_path")
+COLUMNS = ("sample_id", "group", "index", "barcode", *RANKS, "image_path", "has_image")
 
 # BIOSCAN-5M's `split` values that make up each of CLIBD's groups (its HDF5 writer's grouping).
 SPLITS_OF_GROUP = {
     "no_split_and_seen_train": ("pretrain", "train"), "seen_keys": ("train",), "unseen_keys": ("key_unseen",),
     "all_keys": ("key_unseen", "train"), "val_seen": ("val",), "test_seen": ("test",),
 }  # fmt: skip
+
+
+def _one_pixel_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+_ONE_PIXEL = _one_pixel_jpeg()  # stands in for a missing image while the rest of a specimen is checked
 
 
 def taxonomy_text(ranks: dict) -> str:
@@ -70,13 +84,15 @@ class ClibdRecipe(PrepareRecipe):
     schema = CLIBD_SCHEMA
     formats = ("clibd_hdf5", "bioscan_table")
 
-    def __init__(self, group: str, image_dir: str = ""):
+    def __init__(self, group: str, image_dir: str = "", allow_missing_images: bool = False):
         self.group = group
         self.image_dir = image_dir
+        self.allow_missing_images = allow_missing_images
 
     def fingerprint_options(self) -> dict:
         # "layout" changes whenever the columns do, so a cached dataset of older columns is never reused.
-        return {"recipe": self.name, "layout": 3, "group": self.group, **({"image_dir": self.image_dir} if self.image_dir else {})}
+        return {"recipe": self.name, "layout": 4, "group": self.group, **({"image_dir": self.image_dir} if self.image_dir else {}),
+                **({"allow_missing_images": True} if self.allow_missing_images else {})}  # fmt: skip
 
     def read(self, path, fmt: str, fasta_obj_type: str):
         if fmt == "bioscan_table":
@@ -85,11 +101,14 @@ class ClibdRecipe(PrepareRecipe):
         data = ClibdHdf5(path)
         for index in range(data.num_specimens(self.group)):
             row = data.specimen(self.group, index)
+            has_image = bool(row["image"])
+            if not has_image and self.allow_missing_images:
+                row = {**row, "image": _ONE_PIXEL}  # checked as if it had one: only the image may be missing
             problem = data.check(self.group, index, row)
             if problem is not None:
                 yield problem
                 continue
-            extra = {"group": self.group, "image_path": "", **row["taxonomy"]}
+            extra = {"group": self.group, "image_path": "", "has_image": has_image, **row["taxonomy"]}
             yield Record(data.specimen_id(row), alphabet.GENE, row["barcode"].upper(), "{}", str(path), index + 1, index, extra)
 
     def _read_table(self, path: Path):
@@ -136,7 +155,7 @@ class ClibdRecipe(PrepareRecipe):
             if problem:
                 yield RecordError(path, line, problem)
                 continue
-            extra = {"group": self.group, "image_path": str(image), **ranks}
+            extra = {"group": self.group, "image_path": str(image), "has_image": True, **ranks}
             yield Record(processid, alphabet.GENE, barcode.upper(), "{}", str(path), line, index, extra)
 
     def start(self) -> None:
@@ -153,7 +172,7 @@ class ClibdRecipe(PrepareRecipe):
         self.words.update(text.split())
         self.texts.add(text)
         return {"specimen_id": record.obj_id, "group": record.extra["group"], "index": record.index, "barcode": record.seq, **ranks,
-                "image_path": record.extra["image_path"]}  # fmt: skip
+                "image_path": record.extra["image_path"], "has_image": record.extra["has_image"]}  # fmt: skip
 
     def length(self, record) -> int:
         return len(record.seq)
@@ -198,8 +217,13 @@ class ClibdCollator:
         return self._open[group]
 
     def images(self, rows: dict, epoch: int) -> torch.Tensor:
+        """(B, 3, crop, crop) views; a specimen without an image gets zeros (its `image_present` is False)."""
         views = []
-        for sample_id, group, index, path in zip(rows["sample_id"], rows["group"], rows["index"], rows["image_path"]):
+        for sample_id, group, index, path, has_image in zip(rows["sample_id"], rows["group"], rows["index"], rows["image_path"],
+                                                            rows["has_image"]):  # fmt: skip
+            if not has_image:
+                views.append(torch.zeros(3, self.crop, self.crop))
+                continue
             image = decode(Path(path).read_bytes() if path else self._file(group).specimen(group, index)["image"])
             if epoch == EVAL_EPOCH:
                 views.append(eval_view(image, self.resize, self.crop))
@@ -253,6 +277,7 @@ class ClibdCollator:
         out = {"sample_ids": torch.as_tensor(np.asarray(rows["sample_id"], dtype=np.int64))}
         if "image" in self.modalities:
             out["image"] = self.images(rows, epoch)
+            out["image_present"] = torch.as_tensor(np.asarray(rows["has_image"], dtype=bool))
         if "dna" in self.modalities:
             out.update(self.dna(rows["barcode"]))
         if "text" in self.modalities:

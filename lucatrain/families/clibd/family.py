@@ -82,7 +82,8 @@ class ClibdFamily(Family):
     # ------------------------------------------------------------------ data
 
     def prepare_recipe(self, split: str | None = None) -> ClibdRecipe:
-        return ClibdRecipe(self.cfg.clibd.train_group if split is None else split, self.cfg.clibd.image_dir)
+        c = self.cfg.clibd
+        return ClibdRecipe(c.train_group if split is None else split, c.image_dir, c.allow_missing_images)
 
     def setup(self, train_data, dev_data: dict) -> None:
         c = self.cfg.clibd

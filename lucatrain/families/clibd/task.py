@@ -44,6 +44,14 @@ class ClibdTask(Task):
 
     # ------------------------------------------------------------------ training
 
+    def present(self, batch: dict, rows: int) -> dict[str, torch.Tensor]:
+        """Which samples carry each modality: the image where the collator says so, the rest always."""
+        device = self.logit_scale.device
+        out = {m: torch.ones(rows, dtype=torch.bool, device=device) for m in self.towers}
+        if "image_present" in batch and "image" in out:
+            out["image"] = batch["image_present"].to(device=device, dtype=torch.bool)
+        return out
+
     def count_targets(self, batch: dict) -> dict[str, float]:
         return {"micro_batches": 1.0}
 
@@ -55,7 +63,7 @@ class ClibdTask(Task):
         embeddings = self.embed(batch)
         if totals is None:
             return None, embeddings
-        present = {m: torch.ones(len(batch["sample_ids"]), dtype=torch.bool, device=batch["sample_ids"].device) for m in embeddings}
+        present = self.present(batch, len(batch["sample_ids"]))
         positives = batch["taxon_ids"][:, self.positive_rank] if self.positive_rank is not None else None
         share, report = self.loss(embeddings, present, self.logit_scale, positives)
         per_rank = totals["micro_batches"] / dist.world_size()  # this rank's micro-batches in the step
@@ -76,7 +84,7 @@ class ClibdTask(Task):
             return super().train_step(micro_batches, engine)
         batches = [to_device(mb, engine.device) for mb in micro_batches]
         sample_ids = torch.cat([b["sample_ids"] for b in batches])
-        present = {m: torch.ones(len(sample_ids), dtype=torch.bool, device=sample_ids.device) for m in self.towers}
+        present = self.present({k: torch.cat([b[k] for b in batches]) for k in ("image_present",) if k in batches[0]}, len(sample_ids))
         positives = torch.cat([b["taxon_ids"] for b in batches])[:, self.positive_rank] if self.positive_rank is not None else None
 
         def backward(surrogate):
@@ -121,7 +129,7 @@ class ClibdTask(Task):
     def embed_split(self, split, engine) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Every tower's embeddings of a whole split (every rank gets all rows) and its taxon ids (N, 4)."""
         vectors: dict[str, list] = {m: [] for m in self.towers}
-        taxa = []
+        taxa, has_image = [], []
         for rows, is_padding in split.rank_batches(dist.world_size(), dist.rank()):
             batch = to_device(split.collate(split.data.rows(rows, split.columns), EVAL_EPOCH), engine.device)
             _, embedded = engine(batch, None)
@@ -129,8 +137,12 @@ class ClibdTask(Task):
             for m, value in embedded.items():
                 vectors[m].append(value[:keep].float())
             taxa.append(batch["taxon_ids"][:keep])
+            if "image" in self.towers:
+                has_image.append(self.present(batch, len(batch["sample_ids"]))["image"][:keep])
         local = {m: torch.cat(v) for m, v in vectors.items()}
         gathered = {m: dist.all_gather_with_grad(v).cpu().numpy() for m, v in local.items()}
+        if has_image:  # a specimen without an image is neither an image query nor an image key
+            gathered["image_present"] = dist.all_gather_with_grad(torch.cat(has_image).to(torch.int64)).cpu().numpy().astype(bool)
         return gathered, dist.all_gather_with_grad(torch.cat(taxa)).cpu().numpy()
 
     def evaluate(self, splits: dict, engine) -> dict[str, dict[str, float]]:
@@ -156,16 +168,26 @@ class ClibdTask(Task):
                 continue
             scores = {}
             for q, k in self.retrieval:
-                neighbours = nearest_keys(queries[q], keys[k], k_max)
+                query_rows, key_rows = _rows_with(queries, q), _rows_with(keys, k)
+                neighbours = nearest_keys(queries[q][query_rows], keys[k][key_rows], min(k_max, int(key_rows.sum())))
                 for level in self.levels:
                     column = RANKS.index(level)
-                    known = query_taxa[:, column] >= 0  # an unclassified query has nothing to retrieve
+                    known = query_taxa[query_rows, column] >= 0  # an unclassified query has nothing to retrieve
                     if not known.any():
                         continue
-                    found = topk_accuracy(query_taxa[known, column], key_taxa[:, column], neighbours[known], ks)
+                    found = topk_accuracy(query_taxa[query_rows][known, column], key_taxa[key_rows, column], neighbours[known],
+                                          [n for n in ks if n <= neighbours.shape[1]])  # fmt: skip
                     scores.update({f"{q}_to_{k}/{level}/{name}": value for name, value in found.items()})
             results[split] = scores
         seen, unseen = results.get(self.seen_split), results.get(self.unseen_split)
         if seen and unseen:
             results[self.key_split] = {f"hm/{name}": harmonic_mean([seen[name], unseen[name]]) for name in seen if name in unseen}
         return results
+
+
+def _rows_with(embedded: dict, modality: str) -> np.ndarray:
+    """Which rows of a split carry `modality` (every row, but for images where a specimen had none)."""
+    rows = len(next(v for key, v in embedded.items() if key != "image_present"))
+    if modality == "image" and "image_present" in embedded:
+        return embedded["image_present"]
+    return np.ones(rows, dtype=bool)
