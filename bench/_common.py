@@ -100,6 +100,21 @@ def ratio_line(name: str, value: float, target: float) -> tuple[str, bool]:
     return f"RATIO {name}={value:.3f} target=>={target:g} {'PASS' if ok else 'FAIL'}", ok
 
 
+def alternate_timing(batches, sides: dict) -> dict[str, list[float]]:
+    """Seconds per batch of each side ({name: fn(batch)}), the sides taking turns on every batch and who
+    goes first alternating, so a slow phase of a shared machine hits both alike."""
+    times = {name: [] for name in sides}
+    for i, batch in enumerate(batches):
+        order = list(sides.items())
+        if i % 2:
+            order.reverse()
+        for name, fn in order:
+            start = time.perf_counter()
+            fn(batch)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def print_table(headers: list[str], rows: list[list]) -> None:
     """A plain fixed-width table (no third-party formatter needed)."""
     cells = [[_fmt(c) for c in row] for row in rows]

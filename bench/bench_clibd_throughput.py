@@ -23,7 +23,6 @@ import math
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -111,15 +110,7 @@ def main(argv=None) -> int:
         for mb in batches[1 : args.warmup]:
             trainer.train_step([mb])
             plain_step(mb)
-        times = {"lucatrain": [], "baseline": []}
-        for i, mb in enumerate(batches[args.warmup :]):
-            order = [("lucatrain", lambda b: trainer.train_step([b])), ("baseline", plain_step)]
-            if i % 2:
-                order.reverse()
-            for name, fn in order:
-                start = time.perf_counter()
-                fn(mb)
-                times[name].append(time.perf_counter() - start)
+        times = _common.alternate_timing(batches[args.warmup :], {"lucatrain": lambda b: trainer.train_step([b]), "baseline": plain_step})
     samples = args.steps * args.batch
     paired = [b / a for a, b in zip(times["lucatrain"], times["baseline"])]
     result = {

@@ -165,15 +165,7 @@ def run_config(args, ds_config: str, tmp: Path) -> dict:
     # (torch's threads wait on each other), so the verdict uses the median of the per-batch
     # ratios, which such bursts barely move; the plain totals are reported beside it.
     timed = batches[args.warmup : args.warmup + args.steps]
-    times = {"lucatrain": [], "baseline": []}
-    for i, mb in enumerate(timed):
-        order = [("lucatrain", lucatrain_step), ("baseline", plain_step)]
-        if i % 2:
-            order.reverse()
-        for name, fn in order:
-            start = time.perf_counter()
-            fn(mb)
-            times[name].append(time.perf_counter() - start)
+    times = _common.alternate_timing(timed, {"lucatrain": lucatrain_step, "baseline": plain_step})
     tokens = sum(int(mb["num_tokens"]) for mb in timed)
     paired = [b / a for a, b in zip(times["lucatrain"], times["baseline"])]
     result = {
