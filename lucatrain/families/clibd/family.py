@@ -166,32 +166,36 @@ class ClibdFamily(Family):
         (directory / INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         # Each tower's encoder also as a transformers directory (config.json + weights), e.g. to start
         # another run's tower from it (`clibd.<tower>.pretrained`) or to use it outside lucatrain.
-        task, _ = load_clibd(directory)
+        task, _ = _task_from(info, state, directory)  # the weights in memory, not read back from disk
         for name, tower in task.towers.items():
             tower.encoder.save_pretrained(directory / f"{name}_encoder")
 
 
 def load_clibd(directory) -> tuple[ClibdTask, ClibdCollator]:
     """The trained Task (eval mode, CPU) and an inference collator from an export (best/, last/)."""
-    from lucatrain.config import load_config
-
     directory = Path(directory)
     for name in (WEIGHTS, INFO):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} not found (expected a CLIBD export: best/ or last/ of a run)")
     info = json.loads((directory / INFO).read_text(encoding="utf-8"))
+    return _task_from(info, load_file(str(directory / WEIGHTS)), directory)
+
+
+def _task_from(info: dict, state: dict, directory: Path) -> tuple[ClibdTask, ClibdCollator]:
+    """The Task an export's `info` describes, holding `state` (merged weights), and its collator."""
+    from lucatrain.config import load_config
+
     cfg = load_config(None, ["model.model_type=clibd"])
     cfg.clibd = _clibd_config(info["clibd"])
     if cfg.clibd.text_tokenizer and cfg.clibd.text_tokenizer != SENTENCEPIECE:
         cfg.clibd.text_tokenizer = str(directory / cfg.clibd.text_tokenizer)  # the export's own copy
     task = build_task(cfg, info["text_vocab"], with_lora=False, lucagplm_config=info.get("lucagplm_config"))
-    loaded = load_file(str(directory / WEIGHTS))
     expected = task.state_dict()
-    missing = sorted(set(expected) - set(loaded))
+    missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(f"{directory / WEIGHTS} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''} of the model {INFO} describes")
     # The export may also hold buffers the model rebuilds itself (BERT's position ids): only its own keys are read.
-    task.load_state_dict({key: loaded[key] for key in expected})
+    task.load_state_dict({key: state[key] for key in expected})
     c = cfg.clibd
     collator = ClibdCollator({}, tuple(c.modalities), info["seed"], c.image.resize, c.image.crop, c.dna_k, c.dna_length,
                              info["text_vocab"], c.text_max_length, dna_tokens_of(c), c.text_tokenizer,

@@ -35,7 +35,8 @@ class Tower(nn.Module):
         self.proj = nn.Linear(width, output_dim, bias=False)
 
     def features(self, batch: dict) -> torch.Tensor:
-        raise NotImplementedError
+        """(B, width) pooled encoder features of this tower's inputs in `batch` (each tower has its own)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement features(batch)")
 
     def forward(self, batch: dict) -> torch.Tensor:
         return F.normalize(self.proj(self.features(batch)), dim=-1)
