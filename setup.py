@@ -35,6 +35,8 @@ setup(
         "Pillow>=9",
         "sentencepiece>=0.1.99",  # the clibd text tokenizer trained at start-up
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # bitsandbytes: QLoRA's 4-bit base weights (`clibd.qlora`); in `test` so that the suite runs that path
+    # on bitsandbytes' CPU reference kernels.
+    extras_require={"qlora": ["bitsandbytes>=0.48"], "test": ["pytest>=7", "bitsandbytes>=0.48"]},
     entry_points={"console_scripts": ["lucatrain=lucatrain.cli:main"]},
 )

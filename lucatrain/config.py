@@ -58,9 +58,12 @@ class TrainConfig:
     learning_rate: float = 2e-4
     """Peak learning rate, reached at the end of warmup."""
     lr2: float = 0.0
-    """Learning rate at `max_steps` for the linear and cosine schedules (LucaOne's --lr2)."""
+    """Learning rate at the run's last step for the linear and cosine schedules (LucaOne's --lr2)."""
     lr_scheduler: str = "linear"
-    """'linear' (warmup, then linear decay learning_rate -> lr2 at max_steps, as LucaOne), 'cosine', 'constant'."""
+    """'linear' (warmup, then linear decay learning_rate -> lr2 at the run's last step, as LucaOne),
+    'cosine', 'constant'. The last step is `max_steps`, or with `max_steps: 0` the end of
+    `num_train_epochs` epochs at the run's world size (so give `max_steps` to a run whose number of
+    processes may change on resume)."""
     warmup_steps: int = 100
     """Optimizer steps of linear warmup from 0 to learning_rate."""
     weight_decay: float = 0.01
@@ -125,8 +128,6 @@ class TrainConfig:
         _check_positive("train.learning_rate", self.learning_rate)
         _check_positive("train.lr2", self.lr2, allow_zero=True)
         _check_choice("train.lr_scheduler", self.lr_scheduler, ("linear", "cosine", "constant"))
-        if self.lr_scheduler in ("linear", "cosine") and self.max_steps == 0:
-            raise ConfigError(f"`train.lr_scheduler={self.lr_scheduler}` decays to lr2 at `train.max_steps`; set it > 0")
         if self.max_steps and self.warmup_steps > self.max_steps:
             raise ConfigError(f"`train.warmup_steps` ({self.warmup_steps}) exceeds `train.max_steps` ({self.max_steps})")
         for name in ("adam_beta1", "adam_beta2"):

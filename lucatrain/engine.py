@@ -158,8 +158,11 @@ def _offloads_optimizer(ds_config: dict) -> bool:
 class Engine:
     """A DeepSpeed engine around a Task module, with the few verbs the trainer needs."""
 
-    def __init__(self, module: torch.nn.Module, cfg, load_universal: bool = False, after_step=()):
+    def __init__(self, module: torch.nn.Module, cfg, load_universal: bool = False, after_step=(), schedule_steps: int | None = None):
         """load_universal: the checkpoint to resume from is a universal one (another world size).
+
+        schedule_steps: the step at which the LR schedule reaches lr2 (default `train.max_steps`; the
+        trainer passes its last step, which `train.num_train_epochs` may set).
 
         after_step: callables `hook(engine)`, run on every rank after each optimizer update (see
         `step`), e.g. clamping CLIP's logit scale with `edit_parameter`.
@@ -178,7 +181,7 @@ class Engine:
             return torch.optim.lr_scheduler.LambdaLR(
                 optim,
                 lambda step: lr_multiplier(
-                    step, train.lr_scheduler, train.warmup_steps, train.max_steps, train.learning_rate, train.lr2
+                    step, train.lr_scheduler, train.warmup_steps, schedule_steps or train.max_steps, train.learning_rate, train.lr2
                 ),
             )
 
@@ -445,14 +448,19 @@ class Engine:
         Uses the optimizer's fp32 master weights when DeepSpeed keeps them (bf16/fp16, ZeRO), so an
         export from a bf16 run is not rounded to bf16. A parameter without a master (ZeRO-0 fp32, or
         one that is not trained: a frozen encoder, LoRA's base weights) is read as it is, gathered
-        first under ZeRO-3, where each rank holds only a slice of it.
+        first under ZeRO-3, where each rank holds only a slice of it; a 4-bit QLoRA base weight is
+        dequantized.
         """
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
+        from lucatrain.models.lora import dequantized
+
         state = {}
         for name, param in submodule.named_parameters(remove_duplicate=False):
             full = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if full is None and not param.requires_grad:
+                full = dequantized(param)  # a QLoRA base weight: packed 4-bit, stands for a float matrix
             if full is None and param.requires_grad and not hasattr(param, "ds_id"):
                 full = self._unfused_fp32_master(param)  # ZeRO-0 bf16/fp16 keep their masters elsewhere
             if full is None and hasattr(param, "ds_id"):  # ZeRO-3 partitioned, no master: gather it whole

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lucatrain import checkpoint, dist
 from lucatrain.checkpoint import EXPORT_INFO, maybe_fault, read_checkpoint_state, read_valid_manifest
-from lucatrain.config import Config
+from lucatrain.config import Config, ConfigError
 from lucatrain.data.batching import BatchSpec, padded_lengths, plan_epoch, rank_micro_batches, truncation_summary
 from lucatrain.data.prepared import PreparedDataset, load_prepared, prepare_or_load
 from lucatrain.engine import Engine, convert_to_universal, init_distributed, peak_memory_bytes
@@ -186,20 +186,6 @@ class Trainer:
         names = [callback.name for callback in self.callbacks]
         if len(set(names)) != len(names):
             raise ValueError(f"family {self.family.name}: callbacks need distinct names (their checkpoint state is keyed by them), got {names}")
-        written_by = read_valid_manifest(self.resume_from)["world_size"] if self.resume_from else dist.world_size()
-        self.engine = Engine(self.task, cfg, load_universal=written_by != dist.world_size(),
-                             after_step=[callback.after_step for callback in self.callbacks])  # fmt: skip
-        if dist.is_main():  # only now: the config, the data and the model have all been accepted
-            cfg.save(self.run_dir / "config.yaml")
-        self.collator = self.family.collator()
-        self.columns = self.family.columns()
-        self.train_rows = self.family.trainable_rows(self.train_data)
-        self.dev_splits = {}
-        for name, data in self.dev_data.items():
-            rows = self.family.trainable_rows(data)
-            if len(rows):
-                self.dev_splits[name] = Split(name, data, rows, self.collator, cfg.train.batch_size, self.columns)
-
         self.world_size, self.rank = dist.world_size(), dist.rank()
         self.accumulation = cfg.train.gradient_accumulation_steps
         self.spec = BatchSpec(
@@ -209,6 +195,28 @@ class Trainer:
             max_length=cfg.data.max_length,
             sort_pool_size=cfg.data.bucket_size * self.world_size * self.accumulation * max(1, cfg.train.batch_size),
         )
+        self.train_rows = self.family.trainable_rows(self.train_data)
+        self.last_step = self.planned_steps()
+        if self.last_step == 0:
+            raise ValueError(f"no step to train: the {len(self.train_rows)} trainable samples of {cfg.data.train_files} make no "
+                             f"complete global batch of {self.spec.micro_batches_per_step} x {cfg.train.batch_size} "
+                             "(processes x accumulation x train.batch_size); lower train.batch_size")  # fmt: skip
+        if cfg.train.warmup_steps > self.last_step:
+            raise ConfigError(f"`train.warmup_steps` ({cfg.train.warmup_steps}) exceeds the run's {self.last_step} steps "
+                              f"(train.max_steps={cfg.train.max_steps}, train.num_train_epochs={cfg.train.num_train_epochs})")  # fmt: skip
+        written_by = read_valid_manifest(self.resume_from)["world_size"] if self.resume_from else dist.world_size()
+        self.engine = Engine(self.task, cfg, load_universal=written_by != dist.world_size(), schedule_steps=self.last_step,
+                             after_step=[callback.after_step for callback in self.callbacks])  # fmt: skip
+        if dist.is_main():  # only now: the config, the data and the model have all been accepted
+            cfg.save(self.run_dir / "config.yaml")
+        self.collator = self.family.collator()
+        self.columns = self.family.columns()
+        self.dev_splits = {}
+        for name, data in self.dev_data.items():
+            rows = self.family.trainable_rows(data)
+            if len(rows):
+                self.dev_splits[name] = Split(name, data, rows, self.collator, cfg.train.batch_size, self.columns)
+
         self.global_step = 0
         self.last_evaluated = -1
         self.last_saved = -1
@@ -247,6 +255,13 @@ class Trainer:
         return primary, key
 
     # ------------------------------------------------------------------ data stream
+
+    def planned_steps(self) -> int:
+        """The run's last step: `train.max_steps`, or `train.num_train_epochs` epochs of global
+        batches at this run's world size, whichever comes first (the LR schedule ends there)."""
+        cfg = self.cfg.train
+        by_epochs = len(self.epoch_plan(0)) * cfg.num_train_epochs if cfg.num_train_epochs else math.inf
+        return int(min(cfg.max_steps or math.inf, by_epochs))
 
     def epoch_plan(self, epoch: int, exclude_ids: np.ndarray | None = None) -> list[np.ndarray]:
         """Global batches (row indices) of `epoch` over the trainable rows not in `exclude_ids`."""
@@ -343,8 +358,7 @@ class Trainer:
 
     def _train(self) -> dict:
         cfg = self.cfg.train
-        by_epochs = len(self.epoch_plan(0)) * cfg.num_train_epochs if cfg.num_train_epochs else math.inf
-        total = int(min(cfg.max_steps or math.inf, by_epochs))
+        total = self.last_step
         if self.resume_from is not None and self.global_step >= total:
             # Nothing to do; re-saving would rewrite a finished run's checkpoint and exports.
             self.logger.warning(

@@ -34,13 +34,21 @@ def clibd_overrides(tmp_path, sample=SAMPLE, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def test_trains_evaluates_by_retrieval_and_exports(tmp_path):
-    # The shipped recipe's tower sizes (the demo's), so that 40 steps learn a clear signal.
+@pytest.fixture(scope="module")
+def contrastive_run(tmp_path_factory):
+    """40 steps of the shipped tiny recipe (the demo's tower sizes, so that they learn a clear signal):
+    (trainer, val_seen metrics before training, the run's tmp dir). The fine-tuning tests start from its export."""
+    tmp_path = tmp_path_factory.mktemp("contrastive")
     sizes = [o for o in clibd_overrides(tmp_path) if not o.startswith(("clibd.image.", "clibd.dna.", "clibd.text.", "clibd.output_dim"))]
     cfg = load_config("clibd_tiny", [*sizes, "train.max_steps=40", "train.eval_steps=40"])
     trainer = Trainer(cfg)
     untrained = trainer.evaluate()["val_seen"]
     trainer.train()
+    return trainer, untrained, tmp_path
+
+
+def test_trains_evaluates_by_retrieval_and_exports(contrastive_run):
+    trainer, untrained, tmp_path = contrastive_run
     history = read_history(tmp_path / "run")
     losses = [h["loss"] for h in history if "lr" in h]
     assert losses[-1] < 0.8 * losses[0], losses  # the contrastive loss falls
@@ -83,6 +91,138 @@ def test_trains_evaluates_by_retrieval_and_exports(tmp_path):
     torch.testing.assert_close(bert.embeddings.word_embeddings.weight, trainer.task.towers["dna"].encoder.embeddings.word_embeddings.weight)
 
 
+def finetune_overrides(tmp_path, export, **extra) -> list[str]:
+    values = {
+        "train.output_dir": tmp_path / "finetune", "data.cache_dir": tmp_path / "cache", "model.model_dirpath": export,
+        "data.train_files": f"[{SAMPLE}]",
+        "data.dev_splits": f"{{val_seen: [{SAMPLE}], val_unseen: [{SAMPLE}], unseen_keys: [{SAMPLE}]}}",
+        "train.progress_bar": "false", "train.loss_logging_steps": 5,
+    }  # fmt: skip
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def test_fine_tuning_stage_learns_a_classifier_in_its_own_run(contrastive_run, tmp_path):
+    from lucatrain.families.clibd import load_classifier
+
+    _, _, contrastive_dir = contrastive_run
+    export = contrastive_dir / "run" / "last"
+    before = {p: p.stat().st_mtime_ns for p in (contrastive_dir / "run").rglob("*") if p.is_file()}
+    cfg = load_config("clibd_finetune_tiny", finetune_overrides(tmp_path, export, **{"train.eval_steps": 90}))
+    trainer = Trainer(cfg)
+    assert len(trainer.family.classes) == 9  # the seen genera of seen_keys
+    untrained = trainer.evaluate()
+    trainer.train()
+    history = read_history(tmp_path / "finetune")
+    losses = [h["loss"] for h in history if "lr" in h]
+    assert losses[-1] < 0.6 * losses[0], losses
+    final = next(h for h in reversed(history) if "eval/val_seen/genus/top1_micro" in h)
+    seen_before, seen_after = untrained["val_seen"]["classifier/genus/top1_micro"], final["eval/val_seen/classifier/genus/top1_micro"]
+    print(f"fine-tuned genus classifier, val_seen top-1: {seen_before:.3f} untrained -> {seen_after:.3f} (9 genera)")
+    assert seen_after >= seen_before + 0.2 and seen_after >= 0.4, (seen_before, seen_after)
+    # The classifier alone cannot name an unseen genus; the retrieval of unseen keys can.
+    assert final["eval/val_unseen/classifier/genus/top1_micro"] == 0.0
+    assert final["eval/val_unseen/genus/top1_micro"] > 0.1
+    assert 0.0 <= final["eval/unseen_keys/threshold"] <= 1.0 and final["eval/unseen_keys/hm/genus/top1_micro"] > 0.1
+    # Its own run directory; the contrastive run is left as it was.
+    assert (tmp_path / "finetune" / "best" / "classifier.json").is_file()
+    assert {p: p.stat().st_mtime_ns for p in (contrastive_dir / "run").rglob("*") if p.is_file()} == before
+    # The export gives the trained classifier's logits.
+    classifier, classes = load_classifier(tmp_path / "finetune" / "last")
+    assert classes == sorted(trainer.family.classes)
+    split = trainer.dev_splits["val_seen"]
+    batch = trainer.collator(split.data.rows(split.rows[:6], split.columns), EVAL_EPOCH)
+    with torch.no_grad():
+        trainer.task.eval()
+        torch.testing.assert_close(classifier.logits(batch), trainer.task.logits(batch), rtol=0, atol=1e-5)
+
+
+def test_fine_tuning_resumes_exactly(contrastive_run, tmp_path):
+    _, _, contrastive_dir = contrastive_run
+    export = contrastive_dir / "run" / "last"
+    common = {"train.lr_scheduler": "constant", "train.warmup_steps": 1, "train.eval_steps": 0, "train.save_steps": 3, "clibd_finetune.unseen_keys": "",
+              "data.dev_splits": f"{{val_seen: [{SAMPLE}]}}", "train.best_metric": "classifier/genus/top1_micro"}  # fmt: skip
+    Trainer(load_config("clibd_finetune_tiny", finetune_overrides(tmp_path / "a", export, **common, **{"train.max_steps": 6}))).train()
+    Trainer(load_config("clibd_finetune_tiny", finetune_overrides(tmp_path / "b", export, **common, **{"train.max_steps": 3}))).train()
+    resumed = {**common, "train.max_steps": 6, "train.trained_checkpoint": "3"}
+    Trainer(load_config("clibd_finetune_tiny", finetune_overrides(tmp_path / "b", export, **resumed))).train()
+    a, b = (load_file(str(tmp_path / run / "finetune" / "last" / "model.safetensors")) for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fine_tuning_threshold_and_accuracy_match_a_direct_computation():
+    """CLIBD's combination, computed here query by query with plain numpy (no faiss, no vectorising)."""
+    from lucatrain.families.clibd.finetune import ClibdFinetuneConfig, score
+
+    rng = np.random.default_rng(0)
+    classes, dim = 5, 8
+    class_taxa = np.array([[-1, 10 + c // 2, 100 + c, 1000 + c] for c in range(classes)])  # order unclassified
+    keys_taxa = np.array([[-1, 20 + j // 3, 200 + j // 2, 2000 + j] for j in range(7)])
+    keys = {"dna": rng.normal(size=(7, dim)).astype(np.float32), "taxon_ids": keys_taxa, "image_present": np.ones(7, dtype=np.int64)}
+
+    def split(n, seen):
+        truth = class_taxa[rng.integers(0, classes, n)] if seen else keys_taxa[rng.integers(0, 7, n)]
+        return {"logits": rng.normal(scale=2.0, size=(n, classes)).astype(np.float32), "image": rng.normal(size=(n, dim)).astype(np.float32),
+                "taxon_ids": truth, "image_present": (rng.random(n) > 0.1).astype(np.int64)}  # fmt: skip
+
+    gathered = {"val_seen": split(40, True), "val_unseen": split(30, False), "unseen_keys": keys}
+    cfg = ClibdFinetuneConfig(level="species", ks=[1, 3])
+    got = score(gathered, class_taxa, cfg)
+
+    def guesses(out, threshold):
+        """Per query with an image: (truth, [final taxa of guesses 1..3], [classifier taxa 1..3])."""
+        rows = []
+        for i in np.flatnonzero(out["image_present"]):
+            logits = out["logits"][i].astype(np.float64)
+            probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+            order = np.argsort(-probs, kind="stable")[:3]
+            q = out["image"][i] / np.linalg.norm(out["image"][i])
+            k = keys["dna"] / np.linalg.norm(keys["dna"], axis=1, keepdims=True)
+            near = np.argsort(-(k @ q), kind="stable")[:3]
+            final = [class_taxa[order[j]] if probs[order[j]] > threshold else keys_taxa[near[j]] for j in range(3)]
+            rows.append((out["taxon_ids"][i], final, [class_taxa[c] for c in order]))
+        return rows
+
+    def top1(rows):
+        return np.mean([row[1][0][3] == row[0][3] for row in rows])
+
+    def hm(a, b):
+        return 0.0 if min(a, b) <= 0 else 2 / (1 / a + 1 / b)
+
+    best, best_score = None, -1.0
+    for threshold in np.linspace(0, 1, 1001):
+        value = hm(top1(guesses(gathered["val_seen"], threshold)), top1(guesses(gathered["val_unseen"], threshold)))
+        if value > best_score:
+            best, best_score = threshold, value
+    assert got["unseen_keys"]["threshold"] == pytest.approx(best)
+    for name in ("val_seen", "val_unseen"):
+        rows = guesses(gathered[name], best)
+        for level, col in (("family", 1), ("genus", 2), ("species", 3)):
+            for k in (1, 3):
+                hits = np.array([any(g[col] == truth[col] for g in final[:k]) for truth, final, _ in rows])
+                labels = np.array([truth[col] for truth, _, _ in rows])
+                macro = np.mean([hits[labels == label].mean() for label in np.unique(labels)])
+                plain = np.mean([any(g[col] == truth[col] for g in mine[:k]) for truth, _, mine in rows])
+                assert got[name][f"{level}/top{k}_micro"] == pytest.approx(hits.mean())
+                assert got[name][f"{level}/top{k}_macro"] == pytest.approx(macro)
+                assert got[name][f"classifier/{level}/top{k}_micro"] == pytest.approx(plain)
+        assert "order/top1_micro" not in got[name]  # unclassified everywhere: not scored
+    species = [got[s]["species/top1_micro"] for s in ("val_seen", "val_unseen")]
+    assert got["unseen_keys"]["hm/species/top1_micro"] == pytest.approx(hm(*species)) and min(species) > 0
+
+
+def test_fine_tuning_config_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="`model.model_dirpath`: the CLIBD export to fine-tune"):
+        load_config("clibd_finetune_tiny", ["model.model_dirpath="])
+    with pytest.raises(ConfigError, match=r"`clibd_finetune.unseen_keys` \('unseen_keys'\) must be one of the dev splits"):
+        load_config("clibd_finetune_tiny", [f"data.dev_splits={{val_seen: [{SAMPLE}]}}"])
+    with pytest.raises(ConfigError, match="`clibd_finetune.level` must be one of"):
+        load_config("clibd_finetune_tiny", ["clibd_finetune.level=kingdom"])
+    cfg = load_config("clibd_finetune_tiny", finetune_overrides(tmp_path, tmp_path / "nothing"))
+    with pytest.raises(ValueError, match=r"`model.model_dirpath=.*nothing`: model.safetensors not found"):
+        Trainer(cfg)
+
+
 def _specimens(path, corrupt_index=None):
     data = ClibdHdf5(SAMPLE)
     groups = {}
@@ -96,12 +236,14 @@ def _specimens(path, corrupt_index=None):
 
 def test_a_specimen_whose_image_does_not_decode_is_named_before_training(tmp_path):
     bad = _specimens(tmp_path / "bad.hdf5", corrupt_index=3)
-    cfg = load_config("clibd_tiny", clibd_overrides(tmp_path, sample=bad, **{"train.max_steps": 2}))
+    cfg = load_config("clibd_tiny", clibd_overrides(tmp_path, sample=bad, **{"train.max_steps": 2, "train.batch_size": 4}))
     with pytest.raises(ValueError, match=r"bad\.hdf5: group 'no_split_and_seen_train' index 3 \(LUCA\w+\): the image does not decode"):
         Trainer(cfg)
     assert not (tmp_path / "run" / "config.yaml").exists()
     skipping = load_config("clibd_tiny", clibd_overrides(tmp_path / "skip", sample=bad, **{"train.max_steps": 2, "data.bad_records": "skip"}))
-    trainer = Trainer(skipping)
+    with pytest.raises(ValueError, match=r"no step to train: the 11 trainable samples of .* make no complete global batch of 1 x 16"):
+        Trainer(skipping)  # batch 16 > 11 samples
+    trainer = Trainer(load_config("clibd_tiny", [*clibd_overrides(tmp_path / "skip", sample=bad, **{"train.max_steps": 2, "data.bad_records": "skip"}), "train.batch_size=4"]))
     assert len(trainer.train_data) == 11 and trainer.train_data.meta["num_rejected"] == 1
 
 
@@ -158,14 +300,18 @@ def test_run_script_and_demo_verb_run_the_tiny_recipe(tmp_path):
     import os
     import subprocess
 
-    env = {**os.environ, "TINY": "1", "LAUNCHER": "python", "nproc_per_node": "1", "max_steps": "3", "model_output_name": "x",
-           "EXTRA_ARGS": f"train.output_dir={tmp_path / 'script'} data.cache_dir={tmp_path / 'cache'} train.warmup_steps=1 "
-                         "train.eval_steps=0 train.progress_bar=false"}  # fmt: skip
+    # Both stages: the contrastive run, then CLIBD's fine-tuning stage from its best/ into its own directory.
+    env = {**os.environ, "TINY": "1", "STAGE": "both", "LAUNCHER": "python", "nproc_per_node": "1", "max_steps": "3",
+           "fine_tuning_epochs": "1", "model_output_name": "x", "RUNS_DIR": str(tmp_path / "runs"),
+           "EXTRA_ARGS": f"data.cache_dir={tmp_path / 'cache'} train.warmup_steps=1 train.eval_steps=0 train.progress_bar=false"}  # fmt: skip
     env.pop("CUDA_VISIBLE_DEVICES", None)
     result = subprocess.run(["bash", "run_scripts/run_clibd.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    config = (tmp_path / "script" / "config.yaml").read_text()
+    config = (tmp_path / "runs" / "x" / "config.yaml").read_text()
     assert "model_type: clibd" in config and "batch_size: 16" in config and "gather_with_grad: true" in config
+    fine_tuned = (tmp_path / "runs" / "x" / "supervise_fine_tune" / "config.yaml").read_text()
+    assert "model_type: clibd_finetune" in fine_tuned and f"model_dirpath: {tmp_path / 'runs' / 'x' / 'best'}" in fine_tuned
+    assert (tmp_path / "runs" / "x" / "supervise_fine_tune" / "last" / "classifier.json").is_file()
     from lucatrain.cli import main
 
     demo = ["demo", "clibd", f"train.output_dir={tmp_path / 'demo'}", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2",
@@ -223,10 +369,56 @@ def test_lora_on_chosen_towers_trains_adapters_only_and_exports_merged_weights(t
     with torch.no_grad():
         for modality in ("dna", "text"):
             torch.testing.assert_close(task.embed(batch)[modality], trainer.task.embed(batch)[modality], rtol=0, atol=1e-5)
-    with pytest.raises(ConfigError, match="`clibd.qlora`: QLoRA .* is not built yet"):
-        load_config("clibd_tiny", ["clibd.qlora=true"])
     with pytest.raises(ConfigError, match="for CLIBD towers list them in `clibd.lora_towers`"):
         load_config("clibd_tiny", ["lora.enabled=true"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_qlora_trains_adapters_on_a_4bit_base_resumes_and_exports_the_dequantized_model(tmp_path, precision):
+    """clibd.qlora: the LoRA towers' encoders hold NF4 weights (bitsandbytes), frozen; the adapters
+    train; a resume continues bitwise; the export is dequant(base) + adapters in plain float."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    overrides = {"train.eval_steps": 0, "data.dev_splits": "{}", "train.best_metric": "loss", "train.save_steps": 2,
+                 "train.lr_scheduler": "constant", "clibd.lora_towers": "[dna, text]", "clibd.qlora": "true",
+                 "clibd.qlora_on_cpu": "true", "lora.r": 4, "lora.alpha": 8, "deepspeed.precision": precision}  # fmt: skip
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="QLoRA's 4-bit kernels are for CUDA GPUs and this machine has none"):
+            load_config("clibd_tiny", clibd_overrides(tmp_path, **{**overrides, "clibd.qlora_on_cpu": "false"}))
+    with pytest.raises(ConfigError, match=r"ZeRO-3 partitions every parameter and cannot cut packed 4-bit weights"):
+        load_config("clibd_tiny", clibd_overrides(tmp_path, **{**overrides, "deepspeed.config": "zero3"}))
+    with pytest.raises(ConfigError, match="name them in `clibd.lora_towers`"):
+        load_config("clibd_tiny", ["clibd.qlora=true"])
+
+    whole = Trainer(load_config("clibd_tiny", clibd_overrides(tmp_path / "whole", **{**overrides, "train.max_steps": 4})))
+    quantized = [m for m in whole.task.towers["dna"].encoder.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 6  # one layer: query, key, value, attention output, intermediate, output
+    assert not [m for m in whole.task.towers["image"].encoder.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    trainable = {n for n, p in whole.task.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(("towers.dna.encoder", "towers.text.encoder")) and "lora_" not in n
+                   and "LayerNorm" not in n and "embeddings" not in n and "bias" not in n for n in trainable)  # fmt: skip
+    packed = {n: p.detach().clone() for n, p in whole.task.named_parameters() if p.dtype == torch.uint8}
+    assert packed
+    whole.train()
+    assert all(torch.equal(packed[n], p) for n, p in whole.task.named_parameters() if n in packed)  # the 4-bit base is frozen
+    # Killed after step 2 and resumed: the same weights at step 4, bitwise.
+    Trainer(load_config("clibd_tiny", clibd_overrides(tmp_path / "part", **{**overrides, "train.max_steps": 2}))).train()
+    Trainer(load_config("clibd_tiny", clibd_overrides(tmp_path / "part", **{**overrides, "train.max_steps": 4,
+                                                                            "train.trained_checkpoint": "2"}))).train()  # fmt: skip
+    a, b = (load_file(str(tmp_path / run / "run" / "last" / "model.safetensors")) for run in ("whole", "part"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The export is a plain float model whose embeddings are the trained (4-bit) model's.
+    assert all(v.dtype == torch.float32 for v in a.values())
+    task, collator = load_clibd(tmp_path / "whole" / "run" / "last")
+    collator.files = whole.collator.files
+    batch = collator(whole.train_data.rows(np.arange(6), whole.columns), EVAL_EPOCH)
+    whole.task.eval()
+    with torch.no_grad():
+        for modality in ("dna", "text"):
+            trained = whole.task.embed(batch)[modality].float()
+            tolerance = 1e-5 if precision == "fp32" else 2e-2  # bf16: the trained model computes in bf16
+            torch.testing.assert_close(task.embed(batch)[modality], trained, rtol=0, atol=tolerance)
 
 
 def test_a_lucaone_encoder_as_the_dna_tower(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import LUCAONE_DEV, tiny_overrides
-from lucatrain.config import load_config
+from lucatrain.config import ConfigError, load_config
 from lucatrain.task import EVAL_EPOCH
 from lucatrain.models.lucagplm import LucaGPLM
 from lucatrain.optim import lr_multiplier
@@ -60,6 +60,31 @@ def test_lr_schedules_follow_lucaone_semantics():
     cos = [lr_multiplier(s, "cosine", 0, 100, 1e-3, 0.0) for s in (0, 50, 100)]
     assert cos == pytest.approx([1.0, 0.5, 0.0], abs=1e-9)
     assert lr_multiplier(500, "constant", 10, 100, 1e-3, 0) == 1.0
+
+
+def test_a_schedule_over_epochs_ends_at_the_last_epoch(tmp_path):
+    """max_steps 0: the linear and cosine schedules reach lr2 at the end of num_train_epochs (in steps)."""
+    from conftest import read_history
+
+    cfg = load_config("demo_tiny", tiny_overrides(tmp_path, **{"train.max_steps": 0, "train.num_train_epochs": 2,
+                                                               "train.batch_size": 64, "train.lr_scheduler": "cosine",
+                                                               "train.warmup_steps": 1, "train.lr2": 1e-5,
+                                                               "train.loss_logging_steps": 1, "train.eval_steps": 0}))  # fmt: skip
+    trainer = Trainer(cfg)
+    per_epoch = len(trainer.epoch_plan(0))
+    assert trainer.last_step == 2 * per_epoch > 2
+    trainer.train()
+    lrs = [h["lr"] for h in read_history(tmp_path / "run") if "lr" in h]
+    assert len(lrs) == trainer.last_step
+    peak = cfg.train.learning_rate
+    # The lr logged at step s is the one the next update uses (the schedule has stepped).
+    expected = [peak * lr_multiplier(step, "cosine", 1, trainer.last_step, peak, 1e-5) for step in range(1, trainer.last_step + 1)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6)
+    assert lrs[0] == pytest.approx(peak) and lrs[-1] == pytest.approx(1e-5)
+    too_long = tiny_overrides(tmp_path / "warm", **{"train.max_steps": 0, "train.num_train_epochs": 1, "train.batch_size": 64,
+                                                    "train.warmup_steps": 1000})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"`train.warmup_steps` \(1000\) exceeds the run's \d+ steps"):
+        Trainer(load_config("demo_tiny", too_long))
 
 
 def test_short_training_loss_falls_and_exports_reload(tmp_path):

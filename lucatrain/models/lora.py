@@ -1,8 +1,13 @@
-"""LoRA adapters (through peft) on the encoder, and merging them back for export.
+"""LoRA adapters (through peft) on the encoder, and merging them back for export; QLoRA's 4-bit base.
 
 With `lora.enabled`, the base weights are frozen and only the low-rank adapters train; the
 exported `last/`/`best/` models hold merged weights W + (alpha / r) * B @ A, so they load as a
 plain LucaGPLM with no peft needed downstream.
+
+QLoRA (`quantize_linears`, before the adapters go in): every nn.Linear of a module becomes
+bitsandbytes' 4-bit NF4 Linear with double quantization (QLoRA's choices), frozen; peft puts its
+adapters on those layers. An export dequantizes the base (`Engine.full_state_dict`), so the merged
+weights are dequant(NF4(W)) + (alpha / r) * B @ A: the model that was trained, in plain float.
 """
 
 from __future__ import annotations
@@ -47,3 +52,52 @@ def merge_lora_state_dict(state: dict[str, torch.Tensor], r: int, alpha: int) ->
             key = f"{prefix}.{param}"
         merged[key] = value
     return merged
+
+
+def quantize_linears(model: nn.Module, compute_dtype: torch.dtype) -> int:
+    """Replace every nn.Linear of `model` by a frozen bitsandbytes NF4 Linear4bit holding its weights
+    (quantized now, on the layer's device); returns how many were replaced."""
+    import bitsandbytes as bnb
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")  # fmt: skip
+            quantized.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, compress_statistics=True, quant_type="nf4")
+            if child.bias is not None:
+                quantized.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            quantized = quantized.to(child.weight.device)  # bitsandbytes quantizes on the move
+            # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place at the first evaluation
+            # forward (another layout and quantization state, and it fails for widths below its block):
+            # keep the one layout that training, checkpoints and the export agree on.
+            quantized.support_avx512bf16_for_cpu = False
+            quantized._register_load_state_dict_pre_hook(_check_quant_state, with_module=True)
+            setattr(parent, name, quantized)
+            replaced += 1
+    return replaced
+
+
+def _check_quant_state(module, state_dict, prefix, *args) -> None:
+    """A checkpoint's state dict holds each 4-bit weight's quantization state under extra keys
+    (`weight.absmax`, ...), which torch's strict load would reject. The base is frozen and rebuilt
+    the same way at every start, so the saved state must equal this one: checked, then left out."""
+    current = module.weight.quant_state.as_dict(packed=True)
+    for key in [k for k in state_dict if k.startswith(prefix + "weight.")]:
+        saved = state_dict.pop(key)
+        mine = current.get(key[len(prefix + "weight.") :])
+        if mine is None or not torch.equal(saved.cpu(), mine.cpu()):
+            raise ValueError(f"{prefix}weight: the checkpoint's 4-bit base weights differ from this run's (quantization "
+                             f"state {key!r}); resume with the same base model and seed")  # fmt: skip
+
+
+def dequantized(param: torch.Tensor) -> torch.Tensor | None:
+    """The float weight a bitsandbytes 4-bit parameter stands for; None for any other tensor."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is None:
+        return None
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(param.data, quant_state)

@@ -12,6 +12,9 @@ Keys of CLIBD's own config and where they live here (`lucatrain/configs/clibd.ya
     amp                               deepspeed.precision (bf16/fp16; logits stay fp32)
     evaluation_period, eval_skip_epoch  train.eval_steps (in steps)
     ckpt_path, model_output_name      train.trained_checkpoint, train.output_dir
+    fine_tuning_set {batch_size 150, epochs 15, fine_tune_model_output_dir}
+                                      the `clibd_finetune` family (finetune.py), recipe clibd_finetune:
+                                      train.batch_size, train.num_train_epochs, train.output_dir
 """
 
 from __future__ import annotations
@@ -123,7 +126,12 @@ class ClibdConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
     """The attention projections that get adapters (transformers' ViT/BERT names: query, key, value, dense)."""
     qlora: bool = False
-    """4-bit base weights under the adapters (bitsandbytes): refused, not built yet (and CUDA only)."""
+    """QLoRA: the `lora_towers`' encoders hold their frozen base weights in 4-bit NF4 with double
+    quantization (bitsandbytes), the adapters and projections train in bf16/fp32. Needs a CUDA GPU
+    and ZeRO-0/1/2 (ZeRO-3 cannot partition packed 4-bit weights)."""
+    qlora_on_cpu: bool = False
+    """Allow QLoRA without a GPU through bitsandbytes' CPU reference kernels (slow: for tests and
+    trying a config, not for training)."""
     grad_cache: bool = False
     """GradCache: the whole optimizer step (`train.batch_size` x `train.gradient_accumulation_steps` x
     processes) is one contrastive batch, embedded and backpropagated one micro-batch at a time, so only
@@ -180,9 +188,9 @@ class ClibdConfig:
                 raise ConfigError(f"`clibd.lora_towers`: {tower!r} is not one of `clibd.modalities` {self.modalities}")
         if "image" in self.lora_towers and self.image.arch != "vit":
             raise ConfigError("`clibd.lora_towers`: LoRA on the image tower needs `clibd.image.arch=vit` (ResNet has no attention projections)")
-        if self.qlora:
-            raise ConfigError("`clibd.qlora`: QLoRA (4-bit base weights through bitsandbytes, CUDA only) is not built yet; "
-                              "use `clibd.lora_towers` for LoRA on full-precision weights")  # fmt: skip
+        if self.qlora and not self.lora_towers:
+            raise ConfigError("`clibd.qlora`: QLoRA quantizes the towers that train through LoRA adapters; "
+                              "name them in `clibd.lora_towers` (e.g. [image, dna, text])")  # fmt: skip
         if self.text_vocab_size < 8:
             raise ConfigError(f"`clibd.text_vocab_size` must be >= 8, got {self.text_vocab_size}")
         if not 0.0 <= self.dropout < 1.0:

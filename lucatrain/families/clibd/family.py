@@ -37,7 +37,7 @@ from lucatrain.families.clibd.data import (
 )
 from lucatrain.families.clibd.task import ClibdTask
 from lucatrain.families.clibd.towers import LucaTower, build_towers
-from lucatrain.models.lora import apply_lora, merge_lora_state_dict
+from lucatrain.models.lora import apply_lora, merge_lora_state_dict, quantize_linears
 
 WEIGHTS, INFO, TOKENIZER = "model.safetensors", "clibd.json", "text_tokenizer"
 
@@ -51,9 +51,29 @@ def build_task(cfg, text_vocab: dict[str, int], with_lora: bool = True, lucagplm
     towers = build_towers(cfg, len(text_vocab), lucagplm_config, text_vocab.get("[PAD]", 0))
     if with_lora:
         for name in c.lora_towers:
+            if c.qlora:  # the frozen base in 4-bit first; peft then wraps the 4-bit layers
+                quantize_linears(towers[name].encoder, torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32)
             apply_lora(towers[name].encoder, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, c.lora_target_modules)
     return ClibdTask(towers, loss, c.fix_temperature, c.multi_positive, c.ks, c.levels,
                      c.key_split, c.seen_split, c.unseen_split, c.retrieval, c.grad_cache)  # fmt: skip
+
+
+def check_qlora(cfg) -> None:
+    """QLoRA's requirements, before anything is built: bitsandbytes, a GPU (or `clibd.qlora_on_cpu`), ZeRO <= 2."""
+    from lucatrain.engine import resolve_ds_config_path
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("`clibd.qlora`: needs bitsandbytes (`pip install bitsandbytes`), which is not installed") from None
+    if not torch.cuda.is_available() and not cfg.clibd.qlora_on_cpu:
+        raise ConfigError("`clibd.qlora`: QLoRA's 4-bit kernels are for CUDA GPUs and this machine has none; use "
+                          "`clibd.lora_towers` without qlora (full-precision base weights), or `clibd.qlora_on_cpu=true` "
+                          "for bitsandbytes' slow CPU reference kernels (tests, trying a config)")  # fmt: skip
+    stage = json.loads(resolve_ds_config_path(cfg.deepspeed.config).read_text()).get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        raise ConfigError(f"`clibd.qlora` with `deepspeed.config={cfg.deepspeed.config}` (ZeRO-3): ZeRO-3 partitions every "
+                          "parameter and cannot cut packed 4-bit weights; use ZeRO-0, 1 or 2 (the 4-bit base is small)")  # fmt: skip
 
 
 def dna_tokens_of(c) -> str:
@@ -78,6 +98,8 @@ class ClibdFamily(Family):
         if cfg.lora.enabled:
             raise ConfigError("`lora.enabled` switches LoRA on the LucaGPLM encoder; for CLIBD towers list them in "
                               "`clibd.lora_towers` (rank, alpha and dropout still come from `lora.*`)")  # fmt: skip
+        if c.qlora:
+            check_qlora(cfg)
 
     # ------------------------------------------------------------------ data
 
@@ -141,7 +163,7 @@ class ClibdFamily(Family):
         return {"modalities": list(c.modalities), "output_dim": c.output_dim, "dna_k": c.dna_k, "dna_length": c.dna_length,
                 "text_vocab_size": len(self.text_vocab), "image": dataclasses.asdict(c.image), "dna": dataclasses.asdict(c.dna),
                 "text": dataclasses.asdict(c.text), "dna_tower": c.dna_tower, "lora_towers": list(c.lora_towers),
-                "lora_target_modules": list(c.lora_target_modules) if c.lora_towers else []}  # fmt: skip
+                "lora_target_modules": list(c.lora_target_modules) if c.lora_towers else [], "qlora": c.qlora}  # fmt: skip
 
     def export_info(self, task) -> dict:
         lora = {"r": self.cfg.lora.r, "alpha": self.cfg.lora.alpha} if self.cfg.clibd.lora_towers else None
@@ -166,6 +188,9 @@ class ClibdFamily(Family):
         (directory / INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         # Each tower's encoder also as a transformers directory (config.json + weights), e.g. to start
         # another run's tower from it (`clibd.<tower>.pretrained`) or to use it outside lucatrain.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # its shard-writing bar would break into the run's log at every save
         task, _ = _task_from(info, state, directory)  # the weights in memory, not read back from disk
         for name, tower in task.towers.items():
             tower.encoder.save_pretrained(directory / f"{name}_encoder")
@@ -196,11 +221,15 @@ def _task_from(info: dict, state: dict, directory: Path) -> tuple[ClibdTask, Cli
         raise ValueError(f"{directory / WEIGHTS} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''} of the model {INFO} describes")
     # The export may also hold buffers the model rebuilds itself (BERT's position ids): only its own keys are read.
     task.load_state_dict({key: state[key] for key in expected})
-    c = cfg.clibd
-    collator = ClibdCollator({}, tuple(c.modalities), info["seed"], c.image.resize, c.image.crop, c.dna_k, c.dna_length,
-                             info["text_vocab"], c.text_max_length, dna_tokens_of(c), c.text_tokenizer,
-                             base64.b64decode(info.get("text_spm") or ""))  # fmt: skip
-    return task.eval(), collator
+    return task.eval(), inference_collator(info, cfg.clibd)
+
+
+def inference_collator(info: dict, c: ClibdConfig | None = None) -> ClibdCollator:
+    """The collator of an export's inputs (no HDF5 files: set `files` to read groups), from its clibd.json."""
+    c = c or _clibd_config(info["clibd"])
+    return ClibdCollator({}, tuple(c.modalities), info["seed"], c.image.resize, c.image.crop, c.dna_k, c.dna_length,
+                         info["text_vocab"], c.text_max_length, dna_tokens_of(c), c.text_tokenizer,
+                         base64.b64decode(info.get("text_spm") or ""))  # fmt: skip
 
 
 def _clibd_config(values: dict) -> ClibdConfig:

@@ -125,25 +125,20 @@ class ClibdTask(Task):
         return [f"{q}_to_{k}/{level}/top{n}_{kind}" for q, k in self.retrieval for level in self.levels
                 for n in self.ks for kind in ("micro", "macro")]  # fmt: skip
 
-    @torch.no_grad()
     def embed_split(self, split, engine) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Every tower's embeddings of a whole split (every rank gets all rows) and its taxon ids (N, 4)."""
-        vectors: dict[str, list] = {m: [] for m in self.towers}
-        taxa, has_image = [], []
-        for rows, is_padding in split.rank_batches(dist.world_size(), dist.rank()):
-            batch = to_device(split.collate(split.data.rows(rows, split.columns), EVAL_EPOCH), engine.device)
-            _, embedded = engine(batch, None)
-            keep = 0 if is_padding else len(rows)
-            for m, value in embedded.items():
-                vectors[m].append(value[:keep].float())
-            taxa.append(batch["taxon_ids"][:keep])
-            if "image" in self.towers:
-                has_image.append(self.present(batch, len(batch["sample_ids"]))["image"][:keep])
-        local = {m: torch.cat(v) for m, v in vectors.items()}
-        gathered = {m: dist.all_gather_with_grad(v).cpu().numpy() for m, v in local.items()}
-        if has_image:  # a specimen without an image is neither an image query nor an image key
-            gathered["image_present"] = dist.all_gather_with_grad(torch.cat(has_image).to(torch.int64)).cpu().numpy().astype(bool)
-        return gathered, dist.all_gather_with_grad(torch.cat(taxa)).cpu().numpy()
+
+        def outputs(batch):
+            out = {m: value.float() for m, value in engine(batch, None)[1].items()}
+            out["taxon_ids"] = batch["taxon_ids"]
+            if "image" in self.towers:  # a specimen without an image is neither an image query nor an image key
+                out["image_present"] = self.present(batch, len(batch["sample_ids"]))["image"].to(torch.int64)
+            return out
+
+        gathered = gather_split(split, engine.device, outputs)
+        if "image_present" in gathered:
+            gathered["image_present"] = gathered["image_present"].astype(bool)
+        return gathered, gathered.pop("taxon_ids")
 
     def evaluate(self, splits: dict, engine) -> dict[str, dict[str, float]]:
         engine.eval()
@@ -183,6 +178,19 @@ class ClibdTask(Task):
         if seen and unseen:
             results[self.key_split] = {f"hm/{name}": harmonic_mean([seen[name], unseen[name]]) for name in seen if name in unseen}
         return results
+
+
+@torch.no_grad()
+def gather_split(split, device, outputs) -> dict[str, np.ndarray]:
+    """`outputs(batch)` ({name: (rows, ...) tensor}) over a whole split, each rank a shard, gathered:
+    every rank gets every row, in the same order for every name (collective: call on every rank)."""
+    parts: dict[str, list] = {}
+    for rows, is_padding in split.rank_batches(dist.world_size(), dist.rank()):
+        batch = to_device(split.collate(split.data.rows(rows, split.columns), EVAL_EPOCH), device)
+        keep = 0 if is_padding else len(rows)
+        for name, value in outputs(batch).items():
+            parts.setdefault(name, []).append(value[:keep])
+    return {name: dist.all_gather_with_grad(torch.cat(values)).cpu().numpy() for name, values in sorted(parts.items())}
 
 
 def _rows_with(embedded: dict, modality: str) -> np.ndarray:
