@@ -140,3 +140,19 @@ def test_a_family_section_may_nest_sections():
             load_config(None, ["toy.towers=[1, b]"])
     finally:
         del config_module.FAMILY_SECTIONS["toy"]
+
+
+def test_ds_config_leaves_contiguous_gradients_to_the_world_size_unless_set(tmp_path):
+    """ZeRO-1/2 with `contiguous_gradients` unset: on for several processes (the partitioned reduction
+    uses it), off for one (nothing to partition: the buffer is only a copy). A JSON that sets it wins."""
+    import json
+
+    from lucatrain.engine import build_ds_config
+
+    cfg = load_config("demo_tiny", ["deepspeed.config=zero2"])
+    assert build_ds_config(cfg, 1)["zero_optimization"]["contiguous_gradients"] is False
+    assert build_ds_config(cfg, 2)["zero_optimization"]["contiguous_gradients"] is True
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 2, "contiguous_gradients": True}}))
+    assert build_ds_config(load_config("demo_tiny", [f"deepspeed.config={own}"]), 1)["zero_optimization"]["contiguous_gradients"] is True
+    assert "contiguous_gradients" not in build_ds_config(load_config("demo_tiny", ["deepspeed.config=zero0"]), 1)["zero_optimization"]
