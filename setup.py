@@ -37,6 +37,8 @@ setup(
     ],
     # bitsandbytes: QLoRA's 4-bit base weights (`clibd.qlora`); in `test` so that the suite runs that path
     # on bitsandbytes' CPU reference kernels.
-    extras_require={"qlora": ["bitsandbytes>=0.48"], "test": ["pytest>=7", "bitsandbytes>=0.48"]},
+    # timm: `clibd.image.arch=timm`; it needs a torchvision built for the installed torch.
+    extras_require={"qlora": ["bitsandbytes>=0.48"], "timm": ["timm>=1.0", "torchvision"],
+                    "test": ["pytest>=7", "bitsandbytes>=0.48"]},
     entry_points={"console_scripts": ["lucatrain=lucatrain.cli:main"]},
 )

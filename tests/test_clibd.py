@@ -421,6 +421,50 @@ def test_qlora_trains_adapters_on_a_4bit_base_resumes_and_exports_the_dequantize
             torch.testing.assert_close(task.embed(batch)[modality], trained, rtol=0, atol=tolerance)
 
 
+def test_a_timm_image_tower_starts_from_a_local_file_and_exports_a_timm_model(tmp_path):
+    """clibd.image.arch=timm: the weights come from a local file (its classifier dropped), the tower's
+    features are timm's pooled pre-logits, and the export holds a timm-loadable image_encoder/.
+    Runs where timm imports (it needs a torchvision built for the installed torch)."""
+    import json
+    import logging
+
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    from lucatrain.families.clibd.data import text_vocabulary
+    from lucatrain.families.clibd.family import ClibdFamily, build_task
+
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=7, img_size=32).eval()
+    save_file(source.state_dict(), str(tmp_path / "vit.safetensors"))
+    overrides = {"clibd.image.arch": "timm", "clibd.image.timm_model": "vit_tiny_patch16_224", "clibd.image.timm_kwargs": "{img_size: 32}",
+                 "clibd.image.pretrained": tmp_path / "vit.safetensors", "clibd.modalities": "[image, dna]", "clibd.image.crop": 32,
+                 "clibd.retrieval": "[image_to_dna]"}  # fmt: skip
+    cfg = load_config("clibd_tiny", clibd_overrides(tmp_path, **overrides))
+    vocab = text_vocabulary([])
+    task = build_task(cfg, vocab).eval()
+    encoder = task.towers["image"].encoder
+    expected = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    assert encoder.state_dict().keys() == expected.keys() and all(torch.equal(encoder.state_dict()[k], v) for k, v in expected.items())
+    pixels = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        features = task.towers["image"].features({"image": pixels})
+        torch.testing.assert_close(features, source.forward_head(source.forward_features(pixels), pre_logits=True))
+        trained = task.towers["image"]({"image": pixels})
+    family = ClibdFamily(cfg, logging.getLogger("test"))
+    family.text_vocab, family.text_spm = vocab, b""
+    ClibdFamily.export(tmp_path / "export", task.state_dict(), family.export_info(task))
+    loaded, _ = load_clibd(tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "image_encoder" / "config.json").read_text())
+    again = timm.create_model(config["architecture"], pretrained=True, num_classes=0, **config["model_args"],
+                              pretrained_cfg_overlay={"file": str(tmp_path / "export" / "image_encoder" / "model.safetensors")}).eval()  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.towers["image"]({"image": pixels}), trained, rtol=0, atol=1e-6)
+        torch.testing.assert_close(again(pixels), features, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"`clibd.image.pretrained=.*missing.safetensors`: no such weights file"):
+        build_task(load_config("clibd_tiny", clibd_overrides(tmp_path, **{**overrides, "clibd.image.pretrained": tmp_path / "missing.safetensors"})), vocab)
+
+
 def test_a_lucaone_encoder_as_the_dna_tower(tmp_path):
     """clibd.dna_tower=lucagplm: the DNA tower is LucaOne's encoder over single nucleotides, starting from
     an export's weights; it trains, exports and embeds like the other towers."""

@@ -20,20 +20,30 @@ Keys of CLIBD's own config and where they live here (`lucatrain/configs/clibd.ya
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from lucatrain.config import ConfigError
 
 MODALITIES = ("image", "dna", "text")
-IMAGE_ARCHS = ("vit", "resnet")
+IMAGE_ARCHS = ("vit", "resnet", "timm")
 LEVELS = ("order", "family", "genus", "species")
 
 
 @dataclass
 class ImageTowerConfig:
     arch: str = "vit"
-    """'vit' (a ViT, transformers' ViTModel, [CLS] vector) or 'resnet' (transformers' ResNetModel, pooled)."""
+    """'vit' (a ViT, transformers' ViTModel, [CLS] vector), 'resnet' (transformers' ResNetModel, pooled) or
+    'timm' (any timm model, `timm_model`, its pooled pre-logits features; needs timm and torchvision)."""
     pretrained: str = ""
-    """A local directory of that transformers model (config.json + weights) to start from; empty: random init."""
+    """Weights to start from, local: for vit/resnet a transformers directory (config.json + weights); for
+    timm a weights file (.safetensors, .pth, .bin) or a directory holding model.safetensors or
+    pytorch_model.bin (e.g. a Hugging Face snapshot of timm/vit_base_patch16_224.augreg2_in21k_ft_in1k).
+    Empty: random init."""
+    timm_model: str = "vit_base_patch16_224"
+    """The timm architecture with `arch: timm` (CLIBD: vit_base_patch16_224; vit_small_patch16_224,
+    resnet50, ...)."""
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra `timm.create_model` arguments, e.g. {img_size: 64} for a ViT at another crop."""
     resize: int = 256
     """Shorter side after resizing (CLIBD: 256)."""
     crop: int = 224
@@ -186,8 +196,9 @@ class ClibdConfig:
         for tower in self.lora_towers:
             if tower not in self.modalities:
                 raise ConfigError(f"`clibd.lora_towers`: {tower!r} is not one of `clibd.modalities` {self.modalities}")
-        if "image" in self.lora_towers and self.image.arch != "vit":
-            raise ConfigError("`clibd.lora_towers`: LoRA on the image tower needs `clibd.image.arch=vit` (ResNet has no attention projections)")
+        if "image" in self.lora_towers and self.image.arch == "resnet":
+            raise ConfigError("`clibd.lora_towers`: LoRA on the image tower needs a ViT (`clibd.image.arch` vit, or timm with a "
+                              "ViT and its module names in `clibd.lora_target_modules`, e.g. qkv); ResNet has no attention projections")  # fmt: skip
         if self.qlora and not self.lora_towers:
             raise ConfigError("`clibd.qlora`: QLoRA quantizes the towers that train through LoRA adapters; "
                               "name them in `clibd.lora_towers` (e.g. [image, dna, text])")  # fmt: skip

@@ -193,7 +193,22 @@ class ClibdFamily(Family):
         transformers_logging.disable_progress_bar()  # its shard-writing bar would break into the run's log at every save
         task, _ = _task_from(info, state, directory)  # the weights in memory, not read back from disk
         for name, tower in task.towers.items():
-            tower.encoder.save_pretrained(directory / f"{name}_encoder")
+            if hasattr(tower.encoder, "save_pretrained"):
+                tower.encoder.save_pretrained(directory / f"{name}_encoder")
+            else:  # a timm encoder: timm's local layout (config.json + model.safetensors)
+                save_timm_encoder(tower.encoder, info["clibd"]["image"], directory / f"{name}_encoder")
+
+
+def save_timm_encoder(encoder, image: dict, directory: Path) -> None:
+    """A timm encoder as timm reads a local model: config.json (architecture, num_classes 0, the
+    create_model arguments) and model.safetensors. Load it with `timm.create_model(architecture,
+    pretrained=True, pretrained_cfg_overlay={"file": ".../model.safetensors"}, num_classes=0)`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"architecture": image["timm_model"], "num_classes": 0, "num_features": encoder.num_features,
+              "model_args": image["timm_kwargs"], "pretrained_cfg": dict(getattr(encoder, "pretrained_cfg", {}) or {})}  # fmt: skip
+    (directory / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n", encoding="utf-8")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(directory / WEIGHTS),
+              metadata={"format": "pt"})  # fmt: skip
 
 
 def load_clibd(directory) -> tuple[ClibdTask, ClibdCollator]:
@@ -212,6 +227,8 @@ def _task_from(info: dict, state: dict, directory: Path) -> tuple[ClibdTask, Cli
 
     cfg = load_config(None, ["model.model_type=clibd"])
     cfg.clibd = _clibd_config(info["clibd"])
+    if cfg.clibd.image.arch == "timm":  # timm's architecture is its name: the export's weights are all it needs
+        cfg.clibd.image.pretrained = ""
     if cfg.clibd.text_tokenizer and cfg.clibd.text_tokenizer != SENTENCEPIECE:
         cfg.clibd.text_tokenizer = str(directory / cfg.clibd.text_tokenizer)  # the export's own copy
     task = build_task(cfg, info["text_vocab"], with_lora=False, lucagplm_config=info.get("lucagplm_config"))

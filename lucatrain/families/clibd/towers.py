@@ -6,8 +6,10 @@
            nucleotides, fresh or from an export / a LucaOne checkpoint (`clibd.dna_tower=lucagplm`)
     text   transformers BertModel over the taxonomy words, mean over the real tokens
 
-The image towers are transformers' (timm needs torchvision, which does not import beside this
-project's CPU torch); their weights load from a local directory with `from_pretrained`.
+The image towers are transformers' ViT and ResNet (weights from a local directory with
+`from_pretrained`) or, with `clibd.image.arch=timm`, any timm model (weights from a local file). timm
+needs torchvision, whose wheels for this project's CPU torch do not import on the CPU machines it is
+tested on, so timm is optional (`pip install -e ".[timm]"` where torchvision matches the torch).
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class ImageTower(Tower):
     def __init__(self, cfg, output_dim: int, dropout: float):
         from transformers import ResNetConfig, ResNetModel, ViTConfig, ViTModel
 
+        if cfg.arch == "timm":
+            encoder = timm_encoder(cfg, dropout)
+            super().__init__(encoder, encoder.num_features, output_dim)
+            self.arch = cfg.arch
+            return
         if cfg.arch == "vit":
             rates = {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
             if cfg.pretrained:
@@ -67,9 +74,35 @@ class ImageTower(Tower):
 
     def features(self, batch: dict) -> torch.Tensor:
         pixels = batch["image"].to(self.proj.weight.dtype)
+        if self.arch == "timm":  # num_classes=0: the pooled pre-logits features
+            return self.encoder(pixels)
         if self.arch == "vit":
             return self.encoder(pixel_values=pixels).last_hidden_state[:, 0]
         return self.encoder(pixel_values=pixels).pooler_output.flatten(1)
+
+
+def timm_encoder(cfg, dropout: float) -> nn.Module:
+    """`cfg.timm_model` without its classifier (num_classes=0), random or from the local `cfg.pretrained`."""
+    from pathlib import Path
+
+    try:
+        import timm
+    except ImportError as err:
+        raise ValueError(f"`clibd.image.arch=timm` needs timm and a torchvision that matches this torch ({err}); "
+                         "`pip install timm torchvision`, or use arch vit / resnet (transformers)") from None  # fmt: skip
+    kwargs = {"num_classes": 0, "drop_rate": dropout, **cfg.timm_kwargs}
+    if not cfg.pretrained:
+        return timm.create_model(cfg.timm_model, pretrained=False, **kwargs)
+    path = Path(cfg.pretrained)
+    if path.is_dir():
+        found = [path / name for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors") if (path / name).is_file()]
+        if not found:
+            raise ValueError(f"`clibd.image.pretrained={path}`: no model.safetensors or pytorch_model.bin in the directory")
+        path = found[0]
+    if not path.is_file():
+        raise ValueError(f"`clibd.image.pretrained={path}`: no such weights file")
+    # timm's own loader, pointed at the local file: it drops the classifier and adapts what it knows how to.
+    return timm.create_model(cfg.timm_model, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
 
 
 class BertTower(Tower):
