@@ -38,7 +38,7 @@ setup(
     # bitsandbytes: QLoRA's 4-bit base weights (`clibd.qlora`); in `test` so that the suite runs that path
     # on bitsandbytes' CPU reference kernels.
     # timm: `clibd.image.arch=timm`; it needs a torchvision built for the installed torch.
-    extras_require={"qlora": ["bitsandbytes>=0.48"], "timm": ["timm>=1.0", "torchvision"],
-                    "test": ["pytest>=7", "bitsandbytes>=0.48"]},
+    extras_require={"qlora": ["bitsandbytes>=0.48"], "timm": ["timm>=1.0", "torchvision"], "wandb": ["wandb>=0.16"],
+                    "test": ["pytest>=7", "bitsandbytes>=0.48", "wandb>=0.16"]},
     entry_points={"console_scripts": ["lucatrain=lucatrain.cli:main"]},
 )

@@ -82,6 +82,9 @@ class TrainConfig:
     """Every N optimizer steps: write lr, grad norm, throughput and memory."""
     eval_steps: int = 0
     """Every N optimizer steps: evaluate on the dev set (0 = only at the end)."""
+    eval_start_step: int = 0
+    """No periodic evaluation at or before this step (CLIBD's eval_skip_epoch, in steps); the one at
+    the end is always run."""
     save_steps: int = 0
     """Every N optimizer steps: DeepSpeed checkpoint (0 = only at the end)."""
     trained_checkpoint: str = ""
@@ -115,7 +118,7 @@ class TrainConfig:
             raise ConfigError("`train.output_dir` is empty; name the run directory, e.g. `train.output_dir=runs/my_run`")
         for name in ("batch_size", "gradient_accumulation_steps"):
             _check_positive(f"train.{name}", getattr(self, name))
-        for name in ("max_steps", "num_train_epochs", "warmup_steps", "eval_steps", "save_steps"):
+        for name in ("max_steps", "num_train_epochs", "warmup_steps", "eval_steps", "eval_start_step", "save_steps"):
             _check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         for name in ("loss_logging_steps", "logging_steps"):
             _check_positive(f"train.{name}", getattr(self, name))
@@ -259,9 +262,20 @@ class LoggerConfig:
     """Write TensorBoard scalars to <output_dir>/tensorboard."""
     level: str = "INFO"
     """Log level of logs/training.log and the console."""
+    wandb_project: str = ""
+    """Also log every scalar to Weights & Biases under this project (CLIBD's wandb_project_name); empty:
+    no wandb. Offline (`WANDB_MODE=offline`) the run is written under <output_dir>/wandb, for
+    `wandb sync` later. A resumed run continues the same wandb run."""
+    wandb_name: str = ""
+    """The wandb run's name (default: the run directory's name)."""
 
     def validate(self) -> None:
         _check_choice("logger.level", self.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+        if self.wandb_project:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError(f"`logger.wandb_project={self.wandb_project}` needs wandb (`pip install wandb`), which is not installed")
 
 
 @dataclass

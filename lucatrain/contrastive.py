@@ -192,6 +192,37 @@ def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
 
 
+def nt_xent(view_a: torch.Tensor, view_b: torch.Tensor, temperature: float) -> tuple[torch.Tensor, float]:
+    """SimCLR's NT-Xent over the global batch: (this rank's share, the global loss's value).
+
+    `view_a`, `view_b`: (B_r, D) L2-normalised embeddings of two views of this rank's B_r samples.
+    Every rank's views are gathered with their gradient (batches may differ in size), so the global
+    batch of N samples holds 2N views: each view's positive is the other view of its sample, its
+    negatives the other 2N - 2 views, its logits cosine / temperature in fp32. The loss is the mean of
+    the 2N cross entropies; a rank's share is its own views' terms / 2N, so the shares sum, in value and
+    in every gradient, to the loss one process holding the whole batch computes. (Gathering without
+    summing the gradient that other ranks' losses send back to a rank's views, as a plain all_gather
+    or a GatherLayer that returns only its own slice does, gives gradients that depend on the world size.)
+    """
+    rows = view_a.shape[0]
+    local = torch.cat([_wide(view_a), _wide(view_b)])  # (2B_r, D): this rank's a views, then its b views
+    if dist.is_initialized() and dist.world_size() > 1:
+        start = sum(dist.all_gather_sizes(2 * rows, local.device)[: dist.rank()])
+        everyone = dist.all_gather_with_grad(local)
+    else:
+        start, everyone = 0, local
+    views = everyone.shape[0]  # 2N
+    logits = local @ everyone.T / temperature
+    own = torch.arange(2 * rows, device=local.device) + start
+    itself = torch.zeros_like(logits, dtype=torch.bool)
+    itself[torch.arange(2 * rows, device=local.device), own] = True
+    logits = logits.masked_fill(itself, float("-inf"))  # a view is not its own negative
+    partner = torch.cat([own[rows:], own[:rows]])  # a_i <-> b_i, both inside this rank's block
+    share = F.cross_entropy(logits, partner, reduction="sum") / max(views, 1)
+    value = dist.all_reduce_dict({"loss": float(share.detach())}, local.device)["loss"]
+    return share, value
+
+
 class LogitScaleClamp(StepCallback):
     """After every optimizer step: `logit_scale` (a parameter of the Task, by name) clamped to
     [low, high], in DeepSpeed's fp32 master copy and the working copy alike (`Engine.edit_parameter`),

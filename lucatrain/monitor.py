@@ -57,16 +57,21 @@ def setup_logging(run_dir: Path | None, level: str = "INFO") -> logging.Logger:
 class Monitor:
     """Scalars to TensorBoard and the log, and a progress bar, from rank 0 only."""
 
-    def __init__(self, run_dir: Path, total_steps: int, use_tensorboard: bool, progress_bar: bool, initial_step: int = 0):
+    def __init__(self, run_dir: Path, total_steps: int, use_tensorboard: bool, progress_bar: bool, initial_step: int = 0,
+                 wandb: dict | None = None):  # fmt: skip
+        """wandb: {"project", "name", "config"} to log to Weights & Biases too (`logger.wandb_project`)."""
         self.logger = get_logger()
         self.writer = None
         self.bar = None
+        self.wandb = None
         if not dist.is_main():
             return
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if wandb:
+            self.wandb = start_wandb(run_dir, **wandb)
         if progress_bar:
             from tqdm import tqdm
 
@@ -80,6 +85,8 @@ class Monitor:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(f"{prefix}{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}{key}": value for key, value in values.items()}, step=step)
         text = " ".join(f"{key}={_fmt(value)}" for key, value in values.items())
         self.logger.info("step %d %s%s", step, prefix, text)
 
@@ -98,6 +105,27 @@ class Monitor:
             self.writer.flush()
             self.writer.close()
             self.writer = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+WANDB_ID = "wandb_run_id"
+
+
+def start_wandb(run_dir: Path, project: str, name: str, config: dict):
+    """A wandb run writing under run_dir/wandb; its id is kept in run_dir/wandb_run_id so that a
+    resumed training run goes on logging into the same wandb run (steps it already logged are
+    dropped by wandb with a warning)."""
+    import uuid
+
+    import wandb
+
+    id_file = Path(run_dir) / WANDB_ID
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    return wandb.init(project=project, name=name or Path(run_dir).name, id=run_id, resume="allow", dir=str(run_dir),
+                      config=config)  # fmt: skip
 
 
 def _fmt(value: float) -> str:

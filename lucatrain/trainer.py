@@ -367,7 +367,10 @@ class Trainer:
                 "Raise train.max_steps to train on.", self.global_step, total, cfg.max_steps, cfg.num_train_epochs,
             )  # fmt: skip
             return {"history": [], "global_step": self.global_step}
-        monitor = self.monitor = Monitor(self.run_dir, total, self.cfg.logger.tensorboard, cfg.progress_bar and dist.is_main(), self.global_step)
+        logger_cfg = self.cfg.logger
+        wandb = {"project": logger_cfg.wandb_project, "name": logger_cfg.wandb_name, "config": self.cfg.to_dict()} if logger_cfg.wandb_project else None
+        monitor = self.monitor = Monitor(self.run_dir, total, logger_cfg.tensorboard, cfg.progress_bar and dist.is_main(), self.global_step,
+                                         wandb=wandb)  # fmt: skip
         window: dict[str, float] = {}
         window_start, window_steps, window_samples, window_tokens = time.perf_counter(), 0, 0, 0
         self.engine.train()
@@ -409,7 +412,8 @@ class Trainer:
                 self.check_divergence(scalars.get("loss"))
                 window, window_start, window_steps, window_samples, window_tokens = {}, time.perf_counter(), 0, 0, 0
 
-            if cfg.eval_steps and self.global_step % cfg.eval_steps == 0 and self.global_step != total:
+            periodic = cfg.eval_steps and self.global_step % cfg.eval_steps == 0 and self.global_step > cfg.eval_start_step
+            if periodic and self.global_step != total:
                 if self.evaluate_and_export_best(monitor):
                     self.logger.info("a callback stopped training after the evaluation at step %d", self.global_step)
                     break

@@ -5,7 +5,9 @@
 #   max_lr 5e-5 (the peak; CLIBD's lr_config)   output_dim 768                 default_seed 42
 #   all_gather / gather_with_grad true, local_loss false (loss_setup)         fix_temperature false
 #   amp true (bf16; false: fp32)                disable_lora true (false: LoRA adapters on every tower, r 8)
+#   evaluation_period 1, eval_skip_epoch 0 (in epochs of steps_per_epoch steps, 1250: 8 x 500 per step on BIOSCAN-5M)
 #   model_output_name (the run directory under RUNS_DIR, default runs/), ckpt_path (resume: a checkpoint or 'latest')
+#   wandb_project_name (empty: no wandb; WANDB_MODE=offline logs without a network), port (MASTER_PORT)
 #   nproc_per_node, MASTER_PORT, HOSTFILE, LAUNCHER (deepspeed | torchrun | python): see common.sh
 #   TINY=1: the CPU-sized recipe (clibd_tiny) on the shipped sample, 2 processes.
 #   STAGE=contrastive (default) | fine_tune (CLIBD's fine_tuning_set: a linear species classifier on the
@@ -18,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${TINY:-0}" == 1 ]]; then
   : "${RECIPE:=clibd_tiny}" "${batch_size:=16}" "${epochs:=20}" "${max_steps:=60}" "${max_lr:=1e-3}" "${output_dim:=32}"
-  : "${amp:=false}"
+  : "${amp:=false}" "${steps_per_epoch:=3}" "${evaluation_period:=10}"  # 99 specimens, 2 x 16 per step
   : "${nproc_per_node:=2}"
   : "${FINE_TUNE_RECIPE:=clibd_finetune_tiny}" "${fine_tuning_batch_size:=16}"
 fi
@@ -37,6 +39,11 @@ fi
 : "${fix_temperature:=false}"
 : "${amp:=true}"
 : "${disable_lora:=true}"
+: "${wandb_project_name:=}"
+if [[ -n "${port:-}" ]]; then export MASTER_PORT="$port"; fi
+: "${evaluation_period:=1}"
+: "${eval_skip_epoch:=0}"
+: "${steps_per_epoch:=1250}"
 : "${model_output_name:=clibd}"
 : "${RUNS_DIR:=runs}"
 : "${ckpt_path:=}"
@@ -59,6 +66,8 @@ args=(
   clibd.output_dim="$output_dim" clibd.all_gather="$all_gather" clibd.gather_with_grad="$gather_with_grad"
   clibd.local_loss="$local_loss" clibd.use_horovod="$use_horovod" clibd.fix_temperature="$fix_temperature"
   clibd.lora_towers="$lora_towers"
+  train.eval_steps="$((evaluation_period * steps_per_epoch))" train.eval_start_step="$((eval_skip_epoch * steps_per_epoch))"
+  logger.wandb_project="$wandb_project_name"
   deepspeed.config="$DS_CONFIG" deepspeed.precision="$precision"
 )
 if [[ -n "$ckpt_path" ]]; then args+=(train.trained_checkpoint="$ckpt_path"); fi
@@ -67,6 +76,7 @@ fine_tune=(
   data.train_files="[$HDF5]" data.dev_splits="{val_seen: [$HDF5], val_unseen: [$HDF5], unseen_keys: [$HDF5]}"
   train.output_dir="$RUNS_DIR/$model_output_name/supervise_fine_tune" train.batch_size="$fine_tuning_batch_size"
   train.num_train_epochs="$fine_tuning_epochs" train.seed="$default_seed" deepspeed.config="$DS_CONFIG" deepspeed.precision="$precision"
+  logger.wandb_project="$wandb_project_name"
 )
 # shellcheck disable=SC2206  # EXTRA_ARGS is a list of words on purpose (given to both stages)
 args+=($EXTRA_ARGS)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LUCAONE_DEV, tiny_overrides
+from conftest import LUCAONE_DEV, read_history, tiny_overrides
 from lucatrain.config import ConfigError, load_config
 from lucatrain.task import EVAL_EPOCH
 from lucatrain.models.lucagplm import LucaGPLM
@@ -64,7 +64,6 @@ def test_lr_schedules_follow_lucaone_semantics():
 
 def test_a_schedule_over_epochs_ends_at_the_last_epoch(tmp_path):
     """max_steps 0: the linear and cosine schedules reach lr2 at the end of num_train_epochs (in steps)."""
-    from conftest import read_history
 
     cfg = load_config("demo_tiny", tiny_overrides(tmp_path, **{"train.max_steps": 0, "train.num_train_epochs": 2,
                                                                "train.batch_size": 64, "train.lr_scheduler": "cosine",
@@ -85,6 +84,63 @@ def test_a_schedule_over_epochs_ends_at_the_last_epoch(tmp_path):
                                                     "train.warmup_steps": 1000})  # fmt: skip
     with pytest.raises(ConfigError, match=r"`train.warmup_steps` \(1000\) exceeds the run's \d+ steps"):
         Trainer(load_config("demo_tiny", too_long))
+
+
+def test_periodic_evaluation_starts_after_eval_start_step(tmp_path):
+    """CLIBD's eval_skip_epoch: no periodic evaluation up to train.eval_start_step; the final one always."""
+
+    cfg = load_config("demo_tiny", tiny_overrides(tmp_path, **{"train.max_steps": 8, "train.eval_steps": 2, "train.eval_start_step": 4,
+                                                               "data.dev_files": f"[{LUCAONE_DEV}]", "train.batch_size": 4}))  # fmt: skip
+    Trainer(cfg).train()
+    evaluated = [h["step"] for h in read_history(tmp_path / "run") if any(k.startswith("eval/") for k in h)]
+    assert evaluated == [6, 8]
+
+
+def test_wandb_offline_logs_every_scalar_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
+    """logger.wandb_project: with the real wandb offline (WANDB_MODE=offline) the run is written under
+    <run>/wandb and a resume writes into the same run id; with a recording stand-in for the module,
+    every scalar reaches wandb.log at its step."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+    import types
+
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    base = {"train.loss_logging_steps": 1, "train.save_steps": 2, "logger.wandb_project": "lucatrain-test"}
+    Trainer(load_config("demo_tiny", tiny_overrides(tmp_path, **base, **{"train.max_steps": 4}))).train()
+    run_id = (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    Trainer(load_config("demo_tiny", tiny_overrides(tmp_path, **base, **{"train.max_steps": 6, "train.trained_checkpoint": "4"}))).train()
+    assert len(sorted((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    assert (tmp_path / "run" / "wandb_run_id").read_text().strip() == run_id
+
+    calls = {"init": [], "log": [], "finish": 0}
+    stand_in = types.ModuleType("wandb")
+    stand_in.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+
+    class Run:
+        def log(self, values, step):
+            calls["log"].append((step, values))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    stand_in.init = lambda **kwargs: calls["init"].append(kwargs) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", stand_in)
+    Trainer(load_config("demo_tiny", tiny_overrides(tmp_path / "fake", **base, **{"train.max_steps": 3}))).train()
+    (init,) = calls["init"]
+    assert init["project"] == "lucatrain-test" and init["name"] == "run" and init["resume"] == "allow"
+    assert init["config"]["train"]["max_steps"] == 3 and calls["finish"] == 1
+    logged = {step: values for step, values in calls["log"] if "train/lr" in values}
+    history = {h["step"]: h for h in read_history(tmp_path / "fake" / "run") if "lr" in h}
+    assert sorted(logged) == sorted(history) == [1, 2, 3]
+    assert all(logged[s]["train/gene_mask/loss"] == history[s]["gene_mask/loss"] for s in history)
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"`logger.wandb_project=x` needs wandb \(`pip install wandb`\)"):
+        load_config("demo_tiny", ["logger.wandb_project=x"])
 
 
 def test_short_training_loss_falls_and_exports_reload(tmp_path):

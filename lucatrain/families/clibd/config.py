@@ -10,8 +10,11 @@ Keys of CLIBD's own config and where they live here (`lucatrain/configs/clibd.ya
     loss_setup.use_horovod            clibd.use_horovod: refused (DeepSpeed is the backend)
     fix_temperature                   clibd.fix_temperature
     amp                               deepspeed.precision (bf16/fp16; logits stay fp32)
-    evaluation_period, eval_skip_epoch  train.eval_steps (in steps)
+    evaluation_period, eval_skip_epoch  train.eval_steps, train.eval_start_step (both in steps)
     ckpt_path, model_output_name      train.trained_checkpoint, train.output_dir
+    wandb_project_name                logger.wandb_project (optional wandb; WANDB_MODE=offline works)
+    port                              MASTER_PORT of the launcher (run_scripts/common.sh)
+    disable_lora                      clibd.lora_towers empty (false: the towers to adapt, run_clibd.sh: all)
     fine_tuning_set {batch_size 150, epochs 15, fine_tune_model_output_dir}
                                       the `clibd_finetune` family (finetune.py), recipe clibd_finetune:
                                       train.batch_size, train.num_train_epochs, train.output_dir
