@@ -192,7 +192,7 @@ def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
 
 
-def nt_xent(view_a: torch.Tensor, view_b: torch.Tensor, temperature: float) -> tuple[torch.Tensor, float]:
+def nt_xent(view_a: torch.Tensor, view_b: torch.Tensor, temperature: float, gather: bool = True) -> tuple[torch.Tensor, float]:
     """SimCLR's NT-Xent over the global batch: (this rank's share, the global loss's value).
 
     `view_a`, `view_b`: (B_r, D) L2-normalised embeddings of two views of this rank's B_r samples.
@@ -203,10 +203,12 @@ def nt_xent(view_a: torch.Tensor, view_b: torch.Tensor, temperature: float) -> t
     in every gradient, to the loss one process holding the whole batch computes. (Gathering without
     summing the gradient that other ranks' losses send back to a rank's views, as a plain all_gather
     or a GatherLayer that returns only its own slice does, gives gradients that depend on the world size.)
+    `gather` False: this rank's views alone (its own loss, no collective).
     """
     rows = view_a.shape[0]
     local = torch.cat([_wide(view_a), _wide(view_b)])  # (2B_r, D): this rank's a views, then its b views
-    if dist.is_initialized() and dist.world_size() > 1:
+    gathering = gather and dist.is_initialized() and dist.world_size() > 1
+    if gathering:
         start = sum(dist.all_gather_sizes(2 * rows, local.device)[: dist.rank()])
         everyone = dist.all_gather_with_grad(local)
     else:
@@ -219,7 +221,7 @@ def nt_xent(view_a: torch.Tensor, view_b: torch.Tensor, temperature: float) -> t
     logits = logits.masked_fill(itself, float("-inf"))  # a view is not its own negative
     partner = torch.cat([own[rows:], own[:rows]])  # a_i <-> b_i, both inside this rank's block
     share = F.cross_entropy(logits, partner, reduction="sum") / max(views, 1)
-    value = dist.all_reduce_dict({"loss": float(share.detach())}, local.device)["loss"]
+    value = dist.all_reduce_dict({"loss": float(share.detach())}, local.device)["loss"] if gathering else float(share.detach())
     return share, value
 
 

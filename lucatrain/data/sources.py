@@ -718,3 +718,40 @@ def _iter_clibd_hdf5(path: Path, fasta_obj_type: str = "auto"):
 
 
 register_source(Source("clibd_hdf5", _iter_clibd_hdf5, (".hdf5", ".h5"), compressed_ok=False))
+
+# Images, one record per file (photographs, and multispectral stacks as .npy or multi-page TIFF), and
+# tables of image paths (CSV/TSV/Parquet with a `path` column, optional `label`): read by the simclr
+# family's recipe.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".npy")
+
+
+def _iter_image(path: Path, fasta_obj_type: str = "auto"):
+    raise RecordError(path, None, "an image is read by the simclr family (model.model_type=simclr)")
+
+
+def _is_image_table(path: Path) -> bool:
+    name, _ = _strip_compression(path.name)
+    if name.lower().endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+
+            names = set(pq.ParquetFile(path).schema_arrow.names)
+        except Exception:  # noqa: BLE001  (not a readable Parquet file: not this format)
+            return False
+    else:
+        try:
+            with _open_binary(path) as f:
+                header = f.readline().decode("utf-8", errors="replace").removeprefix("\ufeff").strip()
+        except (OSError, EOFError, lzma.LZMAError):
+            return False
+        names = set(header.split(_delimiter(path)))
+    return "path" in names and not all(column in names for column in BIOSCAN_COLUMNS)
+
+
+def _iter_image_table(path: Path, fasta_obj_type: str = "auto"):
+    raise RecordError(path, None, "a table of image paths is read by the simclr family (model.model_type=simclr)")
+
+
+register_source(Source("image", _iter_image, IMAGE_EXTENSIONS, compressed_ok=False))
+register_source(Source("image_table", _iter_image_table, (".csv", ".tsv", ".parquet"), compressed_ok=False,
+                       sniff=_is_image_table, sniff_extensions=(".csv", ".tsv", ".parquet")))  # fmt: skip

@@ -39,4 +39,4 @@ def get_family(name: str) -> type[Family]:
 
 
 # The built-in families register themselves on import.
-from lucatrain.families import clibd, lucaone, seq_finetune  # noqa: E402,F401
+from lucatrain.families import clibd, lucaone, seq_finetune, simclr  # noqa: E402,F401
