@@ -32,3 +32,49 @@ class StepCallback:
     def load_state_dict(self, state: dict) -> None:
         if state:
             raise ValueError(f"callback {self.name} keeps no state, but the checkpoint has {sorted(state)}")
+
+
+class EarlyStopping(StepCallback):
+    """Stop training when a dev metric has not improved by more than `min_delta` for `patience`
+    evaluations in a row (PyTorch Lightning's EarlyStopping). `split`/`metric` name it in the results
+    of an evaluation; `higher_is_better` its direction. The best value and the count of evaluations
+    without improvement are saved in every checkpoint, so a resumed run keeps counting."""
+
+    name = "early_stopping"
+
+    def __init__(self, split: str, metric: str, higher_is_better: bool, patience: int, min_delta: float = 0.0):
+        self.split, self.metric = split, metric
+        self.higher_is_better, self.patience, self.min_delta = higher_is_better, patience, min_delta
+        self.best: float | None = None
+        self.waited = 0
+
+    def after_evaluate(self, results: dict[str, dict[str, float]]) -> bool:
+        value = results.get(self.split, {}).get(self.metric)
+        if value is None:
+            return False
+        gain = (value - self.best if self.higher_is_better else self.best - value) if self.best is not None else float("inf")
+        if gain > self.min_delta:
+            self.best, self.waited = float(value), 0
+        else:
+            self.waited += 1
+        return self.waited >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "waited": self.waited}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.waited = state.get("best"), int(state.get("waited", 0))
+
+
+def load_callback(path: str) -> StepCallback:
+    """A StepCallback from 'package.module:ClassName' (`train.callbacks`), built with no arguments."""
+    import importlib
+
+    module_name, _, class_name = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"`train.callbacks`: cannot load {path!r}: {err}") from None
+    if not (isinstance(cls, type) and issubclass(cls, StepCallback)):
+        raise ValueError(f"`train.callbacks`: {path!r} is not a lucatrain.callbacks.StepCallback subclass")
+    return cls()

@@ -37,6 +37,24 @@ def _check_positive(key: str, value, allow_zero: bool = False) -> None:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    monitor: str = ""
+    """The dev metric watched, named as `train.best_metric` ('<metric>' of the first dev split, or
+    '<split>/<metric>'); empty: no early stopping. Lightning's `val_loss` is `val/loss` here when the
+    dev split is named val."""
+    patience: int = 3
+    """Evaluations without an improvement of more than `min_delta` before the run stops."""
+    min_delta: float = 0.0
+    mode: str = "auto"
+    """'min', 'max', or 'auto': the direction the family declares for the metric."""
+
+    def validate(self) -> None:
+        _check_positive("train.early_stopping.patience", self.patience)
+        _check_positive("train.early_stopping.min_delta", self.min_delta, allow_zero=True)
+        _check_choice("train.early_stopping.mode", self.mode, ("auto", "min", "max"))
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
     """Run directory: config.yaml, logs/, tensorboard/, checkpoints/, best/, last/ go here. A directory
@@ -60,10 +78,38 @@ class TrainConfig:
     lr2: float = 0.0
     """Learning rate at the run's last step for the linear and cosine schedules (LucaOne's --lr2)."""
     lr_scheduler: str = "linear"
-    """'linear' (warmup, then linear decay learning_rate -> lr2 at the run's last step, as LucaOne),
-    'cosine', 'constant'. The last step is `max_steps`, or with `max_steps: 0` the end of
-    `num_train_epochs` epochs at the run's world size (so give `max_steps` to a run whose number of
-    processes may change on resume)."""
+    """'linear' (warmup, then linear decay learning_rate -> lr2 at the schedule's end, as LucaOne),
+    'cosine' (warmup, then a half cosine learning_rate -> lr2: torch's CosineAnnealingLR with eta_min
+    = lr2), 'constant' (warmup, then learning_rate), or 'one_cycle' (torch's OneCycleLR as CLIBD uses it:
+    from learning_rate / one_cycle_div_factor up to learning_rate over `one_cycle_pct_start` of the
+    schedule, then a cosine down to that start / one_cycle_final_div_factor; warmup_steps unused). All
+    count optimizer steps. The schedule ends at `schedule_steps`, by default the run's last step:
+    `max_steps`, or with `max_steps: 0` the end of `num_train_epochs` epochs at the run's world size (so
+    give `max_steps` to a run whose number of processes may change on resume)."""
+    schedule_steps: int = 0
+    """Where the linear and cosine schedules reach lr2, in optimizer steps (PyTorch's T_max); after it
+    the rate stays at lr2. 0: the run's last step."""
+    one_cycle_pct_start: float = 0.3
+    one_cycle_div_factor: float = 25.0
+    one_cycle_final_div_factor: float = 1e4
+    """OneCycleLR's pct_start, div_factor and final_div_factor (its defaults, CLIBD's choice)."""
+    optimizer: str = "adamw"
+    """'adamw', 'adam' (weight decay added to the gradient, as torch's Adam), 'sgd' (`momentum`,
+    `nesterov`) or 'lars' (SGD with momentum and a layer-wise trust ratio, the SimCLR paper's optimizer;
+    ZeRO-0 only: ZeRO flattens the layers whose norms LARS needs). Biases and norm weights (every 1-d
+    parameter) get no weight decay, and LARS does not adapt them."""
+    momentum: float = 0.9
+    """SGD and LARS momentum."""
+    nesterov: bool = False
+    """Nesterov momentum for SGD."""
+    lars_trust_coefficient: float = 0.001
+    """LARS's eta: a layer's step is eta * ||w|| / ||g + wd w|| of the learning rate."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=lambda: EarlyStoppingConfig())
+    """Stop when a dev metric stops improving (Lightning's EarlyStopping; its counters survive a resume)."""
+    callbacks: list[str] = field(default_factory=list)
+    """Extra step callbacks, as 'package.module:ClassName' (a lucatrain.callbacks.StepCallback subclass
+    built with no arguments): they see every optimizer step and every evaluation, and their state goes
+    into each checkpoint."""
     warmup_steps: int = 100
     """Optimizer steps of linear warmup from 0 to learning_rate."""
     weight_decay: float = 0.01
@@ -130,7 +176,21 @@ class TrainConfig:
             raise ConfigError("one of `train.max_steps` or `train.num_train_epochs` must be > 0")
         _check_positive("train.learning_rate", self.learning_rate)
         _check_positive("train.lr2", self.lr2, allow_zero=True)
-        _check_choice("train.lr_scheduler", self.lr_scheduler, ("linear", "cosine", "constant"))
+        _check_choice("train.lr_scheduler", self.lr_scheduler, ("linear", "cosine", "constant", "one_cycle"))
+        _check_positive("train.schedule_steps", self.schedule_steps, allow_zero=True)
+        if not 0.0 < self.one_cycle_pct_start < 1.0:
+            raise ConfigError(f"`train.one_cycle_pct_start` must be in (0, 1), got {self.one_cycle_pct_start}")
+        _check_positive("train.one_cycle_div_factor", self.one_cycle_div_factor)
+        _check_positive("train.one_cycle_final_div_factor", self.one_cycle_final_div_factor)
+        _check_choice("train.optimizer", self.optimizer, ("adamw", "adam", "sgd", "lars"))
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"`train.momentum` must be in [0, 1), got {self.momentum}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ConfigError("`train.nesterov` needs `train.optimizer=sgd` with `train.momentum` > 0")
+        self.early_stopping.validate()
+        for path in self.callbacks:
+            if ":" not in path:
+                raise ConfigError(f"`train.callbacks`: {path!r} is not 'package.module:ClassName'")
         if self.max_steps and self.warmup_steps > self.max_steps:
             raise ConfigError(f"`train.warmup_steps` ({self.warmup_steps}) exceeds `train.max_steps` ({self.max_steps})")
         for name in ("adam_beta1", "adam_beta2"):

@@ -20,7 +20,7 @@ import torch
 
 from lucatrain import dist
 from lucatrain.checkpoint import fault_at
-from lucatrain.optim import lr_multiplier, param_groups
+from lucatrain.optim import LARS, lr_multiplier, param_groups
 
 # DeepSpeed still calls collectives that torch deprecated; the warning repeats every step.
 warnings.filterwarnings("ignore", message=r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
@@ -146,10 +146,28 @@ def build_ds_config(cfg, world_size: int) -> dict:
 
 
 def _make_optimizer(module: torch.nn.Module, cfg, ds_config: dict) -> torch.optim.Optimizer:
+    """`train.optimizer` over two groups: weights with `train.weight_decay`, 1-d parameters without."""
     train = cfg.train
     groups = param_groups(module, train.weight_decay)
     kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon)
-    if _offloads_optimizer(ds_config) and ds_config.get("zero_force_ds_cpu_optimizer", True):
+    offload = _offloads_optimizer(ds_config)
+    if train.optimizer != "adamw" and offload:
+        raise ValueError(f"`train.optimizer={train.optimizer}` with an offloaded optimizer ({cfg.deepspeed.config}): offload runs "
+                         "DeepSpeed's CPU Adam; use train.optimizer=adamw, or a config without offload")  # fmt: skip
+    if train.optimizer == "adam":
+        return torch.optim.Adam(groups, **kwargs)
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train.learning_rate, momentum=train.momentum, nesterov=train.nesterov)
+    if train.optimizer == "lars":
+        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        if stage != 0 or ds_config["bf16"]["enabled"] or ds_config["fp16"]["enabled"]:
+            raise ValueError(f"`train.optimizer=lars` needs ZeRO-0 in fp32 (this run: ZeRO-{stage}, {cfg.deepspeed.precision}): "
+                             "ZeRO and DeepSpeed's mixed-precision optimizers flatten the parameters into one tensor "
+                             "per group, and LARS's trust ratio is per layer")  # fmt: skip
+        decay, no_decay = groups
+        return LARS([{**decay, "lars": True}, {**no_decay, "lars": False}], lr=train.learning_rate, momentum=train.momentum,
+                    trust_coefficient=train.lars_trust_coefficient)  # fmt: skip
+    if offload and ds_config.get("zero_force_ds_cpu_optimizer", True):
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # what DeepSpeed requires with offload on GPUs
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
@@ -187,7 +205,9 @@ class Engine:
             return torch.optim.lr_scheduler.LambdaLR(
                 optim,
                 lambda step: lr_multiplier(
-                    step, train.lr_scheduler, train.warmup_steps, schedule_steps or train.max_steps, train.learning_rate, train.lr2
+                    step, train.lr_scheduler, train.warmup_steps, train.schedule_steps or schedule_steps or train.max_steps,
+                    train.learning_rate, train.lr2, train.one_cycle_pct_start, train.one_cycle_div_factor,
+                    train.one_cycle_final_div_factor,
                 ),
             )
 
@@ -197,7 +217,8 @@ class Engine:
         self.zero_stage = self.ds.zero_optimization_stage()
         # Per-group hyperparameters as configured; a load must not change them (see `load`).
         self._group_settings = [
-            {k: g[k] for k in ("weight_decay", "betas", "eps") if k in g} for g in self.ds.optimizer.param_groups
+            {k: g[k] for k in ("weight_decay", "betas", "eps", "momentum", "nesterov", "trust_coefficient") if k in g}
+            for g in self.ds.optimizer.param_groups
         ]
         if self.world_size == 1 and self.zero_stage == 0:
             # With one rank the gradient all-reduce is an identity that still flattens and copies

@@ -182,7 +182,7 @@ class Trainer:
         self.task = self.family.build_task(self.resume_from)
         self.metrics = self.task.metrics()
         self.best_split, self.best_key = self.resolve_best_metric(cfg.train.best_metric)
-        self.callbacks = self.family.callbacks(self.task)
+        self.callbacks = self.family.callbacks(self.task) + self.generic_callbacks()
         names = [callback.name for callback in self.callbacks]
         if len(set(names)) != len(names):
             raise ValueError(f"family {self.family.name}: callbacks need distinct names (their checkpoint state is keyed by them), got {names}")
@@ -255,6 +255,21 @@ class Trainer:
         return primary, key
 
     # ------------------------------------------------------------------ data stream
+
+    def generic_callbacks(self) -> list:
+        """`train.early_stopping` (its metric resolved as `train.best_metric` is) and `train.callbacks`."""
+        from lucatrain.callbacks import EarlyStopping, load_callback
+
+        stopping = self.cfg.train.early_stopping
+        callbacks = []
+        if stopping.monitor:
+            try:
+                split, metric = self.resolve_best_metric(stopping.monitor)
+            except ValueError as err:
+                raise ValueError(str(err).replace("train.best_metric", "train.early_stopping.monitor")) from None
+            higher = self.metrics[metric].higher_is_better if stopping.mode == "auto" else stopping.mode == "max"
+            callbacks.append(EarlyStopping(split, metric, higher, stopping.patience, stopping.min_delta))
+        return callbacks + [load_callback(path) for path in self.cfg.train.callbacks]
 
     def planned_steps(self) -> int:
         """The run's last step: `train.max_steps`, or `train.num_train_epochs` epochs of global

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import _free_port, join_group, spawn_ranks
-from lucatrain.contrastive import ContrastiveLoss, Gathering, pair_graph
+from lucatrain.contrastive import ContrastiveLoss, Gathering, nt_xent, pair_graph
 
 MODALITIES = ("image", "dna", "text")
 BATCH = 9
@@ -71,6 +71,51 @@ def reference(model, inputs, present, labels=None):
     return total / len(pairs)
 
 
+class SimclrEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.layer = nn.Linear(5, 4, dtype=torch.float64)
+
+    def forward(self, x):
+        return F.normalize(self.layer(x), dim=-1)
+
+
+def _nt_xent_reference(a, b, temperature):
+    """NT-Xent of one process holding the whole batch, written out: 2N views, self-similarity masked."""
+    z = torch.cat([a, b])
+    n = len(a)
+    similarity = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    target = torch.cat([torch.arange(n) + n, torch.arange(n)])
+    return F.cross_entropy(similarity, target)
+
+
+def _nt_xent_with_a_plain_gather(a, b, temperature):
+    """The bug class the issue names: other ranks' views gathered without gradient, this rank's own rows
+    in place (a GatherLayer whose backward returns only the local gradient, unsummed)."""
+    local = torch.cat([a, b])
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
+    torch.distributed.all_gather(sizes, torch.tensor([len(local)]))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, local.shape[1], dtype=local.dtype)
+    padded[: len(local)] = local.detach()
+    boxes = [torch.empty_like(padded) for _ in range(2)]
+    torch.distributed.all_gather(boxes, padded)
+    rank = torch.distributed.get_rank()
+    parts = [box[: int(size.item())] for box, size in zip(boxes, sizes)]
+    parts[rank] = local
+    everyone = torch.cat(parts)
+    start = sum(int(size.item()) for size in sizes[:rank])
+    rows = len(a)
+    logits = local @ everyone.T / temperature
+    own = torch.arange(2 * rows) + start
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    mask[torch.arange(2 * rows), own] = True
+    logits = logits.masked_fill(mask, float("-inf"))
+    partner = torch.cat([own[rows:], own[:rows]])
+    return F.cross_entropy(logits, partner, reduction="sum") / len(everyone)
+
+
 def grads(model):
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
@@ -97,6 +142,20 @@ def _worker(rank, port, out_dir):
                     for value in g.values():
                         torch.distributed.all_reduce(value)  # what Engine.backward's contract sums
                     results[(split, mode_name, multi)] = {"loss": summed, "grads": g, "report": report}
+            for variant in ("nt_xent", "gather_without_gradient_sum"):
+                encoder = SimclrEncoder()
+                views = [inputs["image"][start:stop], inputs["image"][start:stop].flip(-1)]
+                if variant == "nt_xent":
+                    share, _ = nt_xent(*(encoder(v) for v in views), 0.5)
+                else:
+                    share = _nt_xent_with_a_plain_gather(*(encoder(v) for v in views), 0.5)
+                share.backward()
+                summed = share.detach().clone()
+                torch.distributed.all_reduce(summed)
+                g = grads(encoder)
+                for value in g.values():
+                    torch.distributed.all_reduce(value)
+                results[(split, variant)] = {"loss": summed, "grads": g}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -116,6 +175,36 @@ def _global(split, multi):
     loss = reference(model, inputs, present, labels if multi else None)
     loss.backward()
     return loss.detach(), grads(model)
+
+
+@pytest.mark.multiprocess
+def test_nt_xent_gives_the_global_loss_and_gradients_at_any_split_and_a_plain_gather_does_not(two_ranks):
+    """SimCLR's loss: 2 ranks with (4, 5), (2, 7) and (0, 9) samples give the loss and the gradient of one
+    process holding all 9 (2N - 2 = 16 negatives per view); gathering the other ranks' views without
+    summing their gradients back gets the loss right and the gradient wrong."""
+    for split in SPLITS:
+        inputs, _, _ = batch_of(sum(split))
+        encoder = SimclrEncoder()
+        want_loss = _nt_xent_reference(encoder(inputs["image"]), encoder(inputs["image"].flip(-1)), 0.5)
+        want_loss.backward()
+        want = grads(encoder)
+        for rank, found in enumerate(two_ranks):
+            got = found[(split, "nt_xent")]
+            torch.testing.assert_close(got["loss"], want_loss.detach(), rtol=0, atol=1e-10, msg=f"{split} rank {rank}")
+            for name in want:
+                torch.testing.assert_close(got["grads"][name], want[name], rtol=0, atol=1e-10, msg=f"{split} {name}")
+            wrong = found[(split, "gather_without_gradient_sum")]
+            torch.testing.assert_close(wrong["loss"], want_loss.detach(), rtol=0, atol=1e-10)
+            if min(split) > 0:  # with every row on one rank there is nothing to miss
+                assert (wrong["grads"]["layer.weight"] - want["layer.weight"]).abs().max() > 1e-3, split
+
+
+def test_nt_xent_in_one_process_is_the_written_out_loss():
+    a, b = (F.normalize(torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(s)), dim=-1) for s in (1, 2))
+    share, value = nt_xent(a, b, 0.1)
+    assert share.item() == pytest.approx(_nt_xent_reference(a, b, 0.1).item(), abs=1e-12) and value == pytest.approx(share.item())
+    # The positive pairs matter: swapping b's rows changes the loss.
+    assert nt_xent(a, b.flip(0), 0.1)[1] != pytest.approx(value)
 
 
 @pytest.mark.multiprocess
