@@ -34,10 +34,12 @@ setup(
         "h5py>=3",
         "Pillow>=9",
         "sentencepiece>=0.1.99",  # the clibd text tokenizer trained at start-up
+        "tifffile>=2023.1",  # multispectral TIFF stacks (simclr)
+        "matplotlib>=3.7",  # `lucatrain plot`
     ],
     # bitsandbytes: QLoRA's 4-bit base weights (`clibd.qlora`); in `test` so that the suite runs that path
     # on bitsandbytes' CPU reference kernels.
-    # timm: `clibd.image.arch=timm`; it needs a torchvision built for the installed torch.
+    # timm: `clibd.image.arch=timm` and the simclr backbones it names; it needs a torchvision built for the installed torch.
     extras_require={"qlora": ["bitsandbytes>=0.48"], "timm": ["timm>=1.0", "torchvision"], "wandb": ["wandb>=0.16"],
                     "test": ["pytest>=7", "bitsandbytes>=0.48", "wandb>=0.16"]},
     entry_points={"console_scripts": ["lucatrain=lucatrain.cli:main"]},

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 
 class StepCallback:
-    """Runs on every rank after every optimizer step and after every evaluation; its state goes into
-    each checkpoint (saved from rank 0, so it must be the same on every rank).
+    """Runs on every rank at the trainer's event points; its state goes into each checkpoint (saved
+    from rank 0, so it must be the same on every rank). The events, in order:
+
+        on_start(trainer)        training begins (after a resume has restored the state)
+        after_step(engine)       after every optimizer update
+        after_evaluate(results)  after every evaluation; True stops training
+        after_save(path)         after every committed checkpoint (its directory)
+        on_end(trainer)          after the last checkpoint and the `last/` export
 
     `after_step` may change parameters through `engine.edit_parameter`, which keeps DeepSpeed's
     fp32 master copy and the working copy in agreement under every ZeRO stage. `after_evaluate`
@@ -19,8 +25,17 @@ class StepCallback:
 
     name = "callback"
 
+    def on_start(self, trainer) -> None:
+        """Called once when training begins (`trainer.global_step` is the resumed step)."""
+
     def after_step(self, engine) -> None:
         """Called after every optimizer update (not after every micro-batch)."""
+
+    def after_save(self, path) -> None:
+        """Called after every committed checkpoint, with its directory."""
+
+    def on_end(self, trainer) -> None:
+        """Called once at the end of a run that finished (not after an error)."""
 
     def after_evaluate(self, results: dict[str, dict[str, float]]) -> bool:
         """Called with every evaluation's metrics by split; True stops training."""

@@ -4,6 +4,9 @@
     lucatrain train --config RECIPE [section.key=value ...]
     lucatrain demo [section.key=value ...]  tiny real pretraining on the shipped sample data
     lucatrain demo clibd [section.key=value ...]   tiny CLIBD-style contrastive pretraining (image + DNA + text)
+    lucatrain demo simclr [section.key=value ...]  tiny SimCLR pretraining on the shipped sample images
+    lucatrain train --phenoscape CONFIG.yaml [...] a Phenoscape SimCLR config, mapped onto the simclr recipe
+    lucatrain plot RUN_DIR                         PNG curves (loss, lr, metrics) in RUN_DIR/plots
     lucatrain audit RUN_DIR [--compare RUN_DIR2]   what the progress ledger says was trained on
     lucatrain export RUN_OR_CHECKPOINT --out DIR [--heads]   transformers-loadable encoder (+ task heads)
 
@@ -31,6 +34,10 @@ CLIBD_SAMPLE = EXAMPLES_DIR / "clibd_sample.hdf5"
 
 def _demo_defaults(family: str) -> tuple[str, list[str]]:
     """(recipe, overrides) of a demo; the shipped files by absolute path, so any working directory works."""
+    if family == "simclr":
+        photos = EXAMPLES_DIR / "simclr_sample"
+        return "simclr_tiny", ["train.output_dir=runs/demo_simclr", f"data.train_files=[{photos / 'train'}]",
+                               f"data.dev_splits={{val: [{photos / 'val'}], bank: [{photos / 'train'}]}}"]  # fmt: skip
     if family == "clibd":
         splits = ", ".join(f"{name}: [{CLIBD_SAMPLE}]" for name in ("val_seen", "val_unseen", "all_keys"))
         return "clibd_tiny", ["train.output_dir=runs/demo_clibd", f"data.train_files=[{CLIBD_SAMPLE}]", f"data.dev_splits={{{splits}}}"]
@@ -63,11 +70,17 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, ...)")
     exp.add_argument("--heads", action="store_true", help="also write heads.safetensors and heads.json")
 
+    plot = verbs.add_parser("plot", help="PNG curves of a run's history (RUN_DIR/plots/)")
+    plot.add_argument("run_dir", help="a run directory (holding history.jsonl)")
+
     for name, help_text in (("train", "pretrain"), ("demo", "tiny real pretraining on the shipped sample")):
         sub = verbs.add_parser(name, help=help_text)
         sub.add_argument("--config", default="demo_tiny" if name == "demo" else None,
                          help=f"YAML recipe path or shipped name {shipped_recipes()}")
         sub.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+        if name == "train":
+            sub.add_argument("--phenoscape", default=None, metavar="CONFIG.yaml",
+                             help="a Phenoscape SimCLR config: its keys become overrides of the simclr recipe")  # fmt: skip
         sub.add_argument("overrides", nargs="*", help="section.key=value (CLI > YAML > defaults)")
     return parser
 
@@ -169,14 +182,22 @@ def _train(args, demo: bool) -> int:
     config = args.config
     if demo:
         family = overrides.pop(0) if overrides and "=" not in overrides[0] else "lucaone"
-        if family not in ("lucaone", "clibd"):
-            raise ConfigError(f"`lucatrain demo {family}`: the demos are lucaone (the default) and clibd")
+        if family not in ("lucaone", "clibd", "simclr"):
+            raise ConfigError(f"`lucatrain demo {family}`: the demos are lucaone (the default), clibd and simclr")
         recipe, defaults = _demo_defaults(family)
         config = recipe if config == "demo_tiny" else config
         given = {o.split("=", 1)[0] for o in overrides}
         if "train.overwrite_output_dir" not in given and "train.trained_checkpoint" not in given:
             overrides.append("train.overwrite_output_dir=true")  # the demo's run directory is its own scratch space
         overrides = [d for d in defaults if d.split("=", 1)[0] not in given] + overrides
+    if getattr(args, "phenoscape", None):
+        from lucatrain.families.simclr.phenoscape import phenoscape_overrides
+
+        mapped, notes = phenoscape_overrides(args.phenoscape)
+        config = config or "simclr"
+        overrides = mapped + overrides  # the command line still wins
+        for note in notes:
+            print(f"lucatrain: {note}", file=sys.stderr)
     cfg = load_config(config, overrides)
     if not cfg.data.train_files:
         raise ConfigError("`data.train_files` is empty: give input files or a prepared dataset directory")
@@ -195,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             code = _audit(args)
         elif args.verb == "export":
             code = _export(args)
+        elif args.verb == "plot":
+            from lucatrain.plot import plot_run
+
+            for path in plot_run(args.run_dir):
+                print(path)
+            code = 0
         else:
             code = _train(args, demo=args.verb == "demo")
     except (ConfigError, FileNotFoundError, ValueError) as err:

@@ -88,7 +88,10 @@ class TrainConfig:
     give `max_steps` to a run whose number of processes may change on resume)."""
     schedule_steps: int = 0
     """Where the linear and cosine schedules reach lr2, in optimizer steps (PyTorch's T_max); after it
-    the rate stays at lr2. 0: the run's last step."""
+    the rate stays at lr2. 0: `schedule_epochs`, else the run's last step."""
+    schedule_epochs: float = 0.0
+    """The same in epochs (Lightning's T_max for a per-epoch cosine): that many epochs of optimizer
+    steps at the run's world size. Used when `schedule_steps` is 0."""
     one_cycle_pct_start: float = 0.3
     one_cycle_div_factor: float = 25.0
     one_cycle_final_div_factor: float = 1e4
@@ -178,6 +181,7 @@ class TrainConfig:
         _check_positive("train.lr2", self.lr2, allow_zero=True)
         _check_choice("train.lr_scheduler", self.lr_scheduler, ("linear", "cosine", "constant", "one_cycle"))
         _check_positive("train.schedule_steps", self.schedule_steps, allow_zero=True)
+        _check_positive("train.schedule_epochs", self.schedule_epochs, allow_zero=True)
         if not 0.0 < self.one_cycle_pct_start < 1.0:
             raise ConfigError(f"`train.one_cycle_pct_start` must be in (0, 1), got {self.one_cycle_pct_start}")
         _check_positive("train.one_cycle_div_factor", self.one_cycle_div_factor)

@@ -185,8 +185,8 @@ class Engine:
     def __init__(self, module: torch.nn.Module, cfg, load_universal: bool = False, after_step=(), schedule_steps: int | None = None):
         """load_universal: the checkpoint to resume from is a universal one (another world size).
 
-        schedule_steps: the step at which the LR schedule reaches lr2 (default `train.max_steps`; the
-        trainer passes its last step, which `train.num_train_epochs` may set).
+        schedule_steps: the step at which the LR schedule ends (default `train.schedule_steps`, else
+        `train.max_steps`; the trainer passes `Trainer.schedule_length()`).
 
         after_step: callables `hook(engine)`, run on every rank after each optimizer update (see
         `step`), e.g. clamping CLIP's logit scale with `edit_parameter`.
@@ -205,7 +205,7 @@ class Engine:
             return torch.optim.lr_scheduler.LambdaLR(
                 optim,
                 lambda step: lr_multiplier(
-                    step, train.lr_scheduler, train.warmup_steps, train.schedule_steps or schedule_steps or train.max_steps,
+                    step, train.lr_scheduler, train.warmup_steps, schedule_steps or train.schedule_steps or train.max_steps,
                     train.learning_rate, train.lr2, train.one_cycle_pct_start, train.one_cycle_div_factor,
                     train.one_cycle_final_div_factor,
                 ),

@@ -205,7 +205,7 @@ class Trainer:
             raise ConfigError(f"`train.warmup_steps` ({cfg.train.warmup_steps}) exceeds the run's {self.last_step} steps "
                               f"(train.max_steps={cfg.train.max_steps}, train.num_train_epochs={cfg.train.num_train_epochs})")  # fmt: skip
         written_by = read_valid_manifest(self.resume_from)["world_size"] if self.resume_from else dist.world_size()
-        self.engine = Engine(self.task, cfg, load_universal=written_by != dist.world_size(), schedule_steps=self.last_step,
+        self.engine = Engine(self.task, cfg, load_universal=written_by != dist.world_size(), schedule_steps=self.schedule_length(),
                              after_step=[callback.after_step for callback in self.callbacks])  # fmt: skip
         if dist.is_main():  # only now: the config, the data and the model have all been accepted
             cfg.save(self.run_dir / "config.yaml")
@@ -270,6 +270,16 @@ class Trainer:
             higher = self.metrics[metric].higher_is_better if stopping.mode == "auto" else stopping.mode == "max"
             callbacks.append(EarlyStopping(split, metric, higher, stopping.patience, stopping.min_delta))
         return callbacks + [load_callback(path) for path in self.cfg.train.callbacks]
+
+    def schedule_length(self) -> int:
+        """The optimizer step at which the LR schedule ends: train.schedule_steps, else
+        train.schedule_epochs epochs of steps, else the run's last step."""
+        t = self.cfg.train
+        if t.schedule_steps:
+            return t.schedule_steps
+        if t.schedule_epochs:
+            return max(1, round(t.schedule_epochs * len(self.epoch_plan(0))))
+        return self.last_step
 
     def planned_steps(self) -> int:
         """The run's last step: `train.max_steps`, or `train.num_train_epochs` epochs of global
@@ -388,6 +398,8 @@ class Trainer:
                                          wandb=wandb)  # fmt: skip
         window: dict[str, float] = {}
         window_start, window_steps, window_samples, window_tokens = time.perf_counter(), 0, 0, 0
+        for callback in self.callbacks:
+            callback.on_start(self)
         self.engine.train()
         for epoch, batch, position, micro_batches in self.steps():
             if self.global_step >= total:
@@ -443,6 +455,8 @@ class Trainer:
             self.evaluate_and_export_best(monitor)
         self.save_checkpoint()
         self.export(self.run_dir / "last")
+        for callback in self.callbacks:
+            callback.on_end(self)
         monitor.close()
         self.logger.info(
             "done: %d steps, %d samples, %d tokens -> %s",
@@ -583,6 +597,8 @@ class Trainer:
             "checkpoint %s committed in %.3f s, %d bytes (%d samples consumed)",
             path, time.perf_counter() - started, size, self.ledger.samples_seen,
         )  # fmt: skip
+        for callback in self.callbacks:
+            callback.after_save(path)
 
     def find_resume_checkpoint(self, missing_ok: bool = False) -> Path | None:
         """`train.trained_checkpoint` resolved on rank 0 (which verifies the checksums of the one it

@@ -318,7 +318,7 @@ def test_run_script_and_demo_verb_run_the_tiny_recipe(tmp_path):
             "train.warmup_steps=1", "train.eval_steps=0", "train.progress_bar=false"]  # fmt: skip
     assert main(demo) == 0
     assert (tmp_path / "demo" / "last" / "clibd.json").is_file()
-    assert main(["demo", "simclr"]) == 2  # not a demo (yet): one clear line
+    assert main(["demo", "audio"]) == 2  # not a demo: one clear line
 
 
 def test_grad_cache_step_equals_one_large_plain_step(tmp_path):

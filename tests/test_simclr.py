@@ -70,6 +70,14 @@ def test_hue_shift_matches_an_hsv_round_trip_and_blur_keeps_a_constant_image():
     assert blurred.sum().item() == pytest.approx(1.0, abs=1e-6) and blurred[0, 4, 4] < 0.2
 
 
+def test_a_multipage_tiff_is_a_stack_of_bands(tmp_path):
+    import tifffile
+
+    bands = (np.arange(5 * 8 * 9) % 251).astype(np.uint8).reshape(5, 8, 9)
+    tifffile.imwrite(tmp_path / "stack.tif", bands)
+    np.testing.assert_allclose(load_image(tmp_path / "stack.tif").numpy(), bands / 255.0, rtol=1e-6)
+
+
 def test_image_arrays_load_channels_first_whatever_their_layout(tmp_path):
     chw = np.arange(4 * 6 * 7, dtype=np.uint16).reshape(4, 6, 7)
     np.save(tmp_path / "chw.npy", chw)
@@ -134,7 +142,7 @@ def test_config_refuses_a_download_and_a_missing_bank():
 def test_trains_learns_knn_and_exports_the_backbone(tmp_path):
     from lucatrain.families.simclr import embed, load_backbone
 
-    cfg = load_config("simclr_tiny", simclr_overrides(tmp_path, **{"train.eval_steps": 60}))
+    cfg = load_config("simclr_tiny", simclr_overrides(tmp_path, **{"train.eval_steps": 60, "simclr.linear_probe": "true"}))
     trainer = Trainer(cfg)
     untrained = trainer.evaluate()["val"]
     trainer.train()
@@ -145,6 +153,8 @@ def test_trains_learns_knn_and_exports_the_backbone(tmp_path):
           f"{final['eval/val/knn_top1']:.3f}; val loss {untrained['loss']:.3f} -> {final['eval/val/loss']:.3f}")  # fmt: skip
     assert losses[-1] < losses[0] and final["eval/val/loss"] < untrained["loss"] - 0.1
     assert final["eval/val/knn_top1"] > untrained["knn_top1"]
+    assert 1 / 14 < final["eval/val/probe_top1"] <= 1.0  # 14 genera in the bank
+    print(f"linear probe val top-1: {untrained['probe_top1']:.3f} untrained -> {final['eval/val/probe_top1']:.3f}")
     # The export is the backbone: as a transformers directory, and through load_backbone / embed.
     from transformers import AutoModel
 
@@ -173,13 +183,27 @@ def test_a_multispectral_stack_trains_with_its_own_channel_count(tmp_path):
 
 
 class CountingCallback(StepCallback):
-    """A callback loaded by import path (`train.callbacks: [test_simclr:CountingCallback]`)."""
+    """A callback loaded by import path (`train.callbacks: [test_simclr:CountingCallback]`): records its events."""
 
     name = "counting"
     steps = 0
+    events: list = []
+
+    def on_start(self, trainer) -> None:
+        CountingCallback.events.append(("start", trainer.global_step))
 
     def after_step(self, engine) -> None:
         CountingCallback.steps += 1
+
+    def after_evaluate(self, results) -> bool:
+        CountingCallback.events.append(("evaluate", sorted(results)))
+        return False
+
+    def after_save(self, path) -> None:
+        CountingCallback.events.append(("save", path.name))
+
+    def on_end(self, trainer) -> None:
+        CountingCallback.events.append(("end", trainer.global_step))
 
 
 def test_early_stopping_stops_keeps_its_counters_across_a_resume_and_custom_callbacks_run(tmp_path):
@@ -188,11 +212,13 @@ def test_early_stopping_stops_keeps_its_counters_across_a_resume_and_custom_call
             "data.dev_splits": f"{{val: [{PHOTOS / 'val'}]}}", "train.best_metric": "val/loss", "train.early_stopping.monitor": "val/loss",
             "train.early_stopping.min_delta": 10.0, "train.early_stopping.patience": 3, "train.batch_size": 16,
             "train.callbacks": "[test_simclr:CountingCallback]"}  # fmt: skip
-    CountingCallback.steps = 0
+    CountingCallback.steps, CountingCallback.events = 0, []
     Trainer(load_config("simclr_tiny", simclr_overrides(tmp_path / "a", **base))).train()
     # Evaluations at 2 (the first value: best), 4, 6, 8 (three without improvement): stops at step 8.
     assert (tmp_path / "a" / "run" / "checkpoints" / "latest").read_text() == "step-000008"
     assert CountingCallback.steps == 8
+    saves = [("save", f"step-{n:06d}") for n in (2, 4, 6, 8)]
+    assert CountingCallback.events == [("start", 0), *[e for pair in zip([("evaluate", ["val"])] * 4, saves) for e in pair], ("end", 8)]
     state = json.loads((tmp_path / "a" / "run" / "checkpoints" / "step-000004" / "state" / "state.json").read_text())
     assert state["callbacks"]["early_stopping"]["waited"] == 1
     # Resumed from step 4 (one evaluation without improvement so far): it stops at step 8 again.
@@ -291,3 +317,94 @@ def test_two_processes_train_the_one_process_model_and_a_sigkill_resumes_bitwise
     assert "resumed from" in (tmp_path / "killed" / "run" / "logs" / "training.log").read_text()
     a, b = (load_file(str(tmp_path / name / "run" / "last" / "model.safetensors")) for name in ("two", "killed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+
+
+# ---------------------------------------------------------------------------- the Phenoscape config
+
+
+PHENOSCAPE = """\
+data_dir: {data}
+out_dir: {out}
+backbone: vit_tiny
+weights: null
+input_size: 32
+lr: 0.002
+batch_size: 16
+max_epochs: 3
+temperature: 0.2
+seed: 7
+accelerator: cpu
+devices: 1
+strategy: ddp
+num_workers: 0
+pin_memory: true
+persistent_workers: false
+deterministic: true
+log_every_n_steps: 2
+precision: 32
+accumulate_grad_batches: 2
+lr_scheduler: cosine
+T_max: 2
+eta_min: 1.0e-5
+early_stopping: {{monitor: val_loss, patience: 4, min_delta: 0.001}}
+transforms: {{input_size: 32, cj_prob: 0.7, cj_strength: 0.4, min_scale: 0.2, random_gray_scale: 0.1, gaussian_blur: 0.3,
+             kernel_size: 0.2, sigmas: [0.2, 1.5]}}
+"""
+
+
+def test_a_phenoscape_config_maps_onto_every_section_and_trains(tmp_path):
+    from lucatrain.cli import main
+    from lucatrain.families.simclr.phenoscape import phenoscape_overrides
+
+    config = tmp_path / "phenoscape.yaml"
+    config.write_text(PHENOSCAPE.format(data=PHOTOS, out=tmp_path / "run"))
+    overrides, notes = phenoscape_overrides(config)
+    cfg = load_config("simclr", [*overrides, f"data.cache_dir={tmp_path / 'cache'}", "train.progress_bar=false"])
+    t, s = cfg.train, cfg.simclr
+    assert (t.learning_rate, t.batch_size, t.num_train_epochs, t.max_steps, t.seed) == (0.002, 16, 3, 0, 7)
+    assert (t.gradient_accumulation_steps, t.loss_logging_steps, t.lr_scheduler, t.schedule_epochs, t.lr2) == (2, 2, "cosine", 2, 1e-5)
+    assert (t.early_stopping.monitor, t.early_stopping.patience, t.early_stopping.min_delta) == ("val/loss", 4, 0.001)
+    assert (s.backbone, s.weights, s.temperature, s.transforms.min_scale, s.transforms.sigmas) == ("vit_tiny", "", 0.2, 0.2, [0.2, 1.5])
+    assert (cfg.deepspeed.config, cfg.deepspeed.precision, cfg.data.num_workers) == ("zero0", "fp32", 0)
+    assert cfg.data.train_files == [str(PHOTOS / "train")] and set(cfg.data.dev_splits) == {"val", "bank"}
+    assert any("pin_memory" in n for n in notes) and any("deterministic" in n for n in notes)
+    # Through the command line; T_max = 2 epochs: the cosine ends after 2 of the 3 epochs.
+    assert main(["train", "--phenoscape", str(config), f"data.cache_dir={tmp_path / 'cache'}", "train.progress_bar=false",
+                 "train.eval_steps=0"]) == 0  # fmt: skip
+    lrs = [h["lr"] for h in read_history(tmp_path / "run") if "lr" in h]
+    per_epoch = 127 // 32  # 2 x 16 per step
+    assert lrs[2 * per_epoch - 1 :] == pytest.approx([1e-5] * (len(lrs) - 2 * per_epoch + 1)) and lrs[0] > 1e-5
+    # Refused, naming the key: an unknown key, a download, a Lightning checkpoint.
+    for text, message in (("momentum_typo: 1\n", "`momentum_typo`: not a Phenoscape SimCLR key"),
+                          ("weights: DEFAULT\n", "`weights`: DEFAULT means downloading"),
+                          (f"resume: {tmp_path / 'elsewhere' / 'last.ckpt'}\n", "a Lightning .ckpt cannot be resumed here")):  # fmt: skip
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            phenoscape_overrides(bad)
+    # --resume <out_dir>/last.ckpt: that run's newest checkpoint.
+    resume = tmp_path / "resume.yaml"
+    resume.write_text(f"resume: {tmp_path / 'run' / 'last.ckpt'}\n")
+    assert phenoscape_overrides(resume)[0] == [f"train.output_dir={tmp_path / 'run'}", "train.trained_checkpoint=latest"]
+
+
+def test_view_pairs_reach_tensorboard_and_plot_draws_the_curves(tmp_path):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    from lucatrain.cli import main
+
+    cfg = load_config("simclr_tiny", simclr_overrides(tmp_path, **{"train.max_steps": 4, "train.eval_steps": 2, "simclr.log_views_steps": 2,
+                                                                    "train.warmup_steps": 1}))  # fmt: skip
+    Trainer(cfg).train()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={IMAGES: 0})
+    events.Reload()
+    logged = events.Images("views")
+    assert [e.step for e in logged] == [0, 2, 4]
+    assert (logged[0].width, logged[0].height) == (2 * 32, 4 * 32)  # 4 images, view a | view b
+    assert logged[1].encoded_image_string != logged[2].encoded_image_string  # another epoch, other views
+    assert main(["plot", str(tmp_path / "run")]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "run" / "plots").glob("*.png"))
+    assert pngs == ["knn_top1.png", "loss.png", "lr.png"]
+    assert Image.open(tmp_path / "run" / "plots" / "loss.png").size == (600, 350)
+    assert main(["plot", str(tmp_path / "nowhere")]) == 2

@@ -65,6 +65,12 @@ class SimclrConfig:
     knn_bank: str = ""
     """The labelled dev split whose backbone features are the kNN classifier's memory (e.g. `bank`);
     the other labelled dev splits are scored against it. Empty: no kNN accuracy."""
+    linear_probe: bool = False
+    """Also report `probe_top1`: a linear classifier (softmax regression, L-BFGS, zero init) fitted on the
+    bank's frozen backbone features and labels at every evaluation, scored on the other labelled splits."""
+    log_views_steps: int = 500
+    """Every N optimizer steps (and at the start): the two augmented views of 4 training images as an
+    image grid in TensorBoard (`views`), to see what the augmentation does; 0: never."""
     knn_k: int = 20
     knn_temperature: float = 0.1
     """Weighted kNN (Wu et al. 2018): each of the k nearest bank images votes exp(cosine / T) for its label."""

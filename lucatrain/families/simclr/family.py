@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lucatrain import dist
+from lucatrain.callbacks import StepCallback
 from lucatrain.config import ConfigError
 from lucatrain.data.simclr_views import SimclrAugment
 from lucatrain.families import register_family
@@ -79,8 +80,11 @@ class SimclrFamily(Family):
         weights = "" if resume_from is not None else c.weights
         backbone = Backbone(c.backbone, self.channels, c.transforms.input_size, weights)
         head = ProjectionHead(backbone.num_features, c.proj_hidden_dim, c.proj_output_dim)
-        self.task = SimclrTask(backbone, head, c.temperature, c.knn_bank, c.knn_k, c.knn_temperature)
+        self.task = SimclrTask(backbone, head, c.temperature, c.knn_bank, c.knn_k, c.knn_temperature, c.linear_probe)
         return self.task
+
+    def callbacks(self, task) -> list:
+        return [ViewPairLogger(self.cfg.simclr.log_views_steps)] if self.cfg.simclr.log_views_steps else []
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.task.backbone.parameters()) / 1e6
@@ -117,6 +121,48 @@ class SimclrFamily(Family):
 
             transformers_logging.disable_progress_bar()
             model.save_pretrained(directory / "backbone")
+
+
+class ViewPairLogger(StepCallback):
+    """Writes the two views of the first 4 training images to TensorBoard (tag `views`: a grid, one row
+    per image, view a | view b) at the start and every `every` steps, from rank 0. The views are those
+    of the epoch the step number names, drawn from (seed, epoch, sample id): logging them changes no
+    random state of training. Multispectral stacks show their first band as grey."""
+
+    name = "simclr_views"
+
+    def __init__(self, every: int, images: int = 4):
+        self.every, self.images = every, images
+        self.trainer = None
+
+    def on_start(self, trainer) -> None:
+        self.trainer = trainer
+        self.log(trainer.global_step)
+
+    def after_step(self, engine) -> None:
+        step = engine.global_steps
+        if self.trainer is not None and step % self.every == 0:
+            self.log(step)
+
+    def log(self, step: int) -> None:
+        writer = getattr(self.trainer.monitor, "writer", None) if self.trainer is not None else None
+        if writer is None or not dist.is_main():
+            return
+        data, rows = self.trainer.train_data, self.trainer.train_rows[: self.images]
+        batch = self.trainer.collator(data.rows(rows, self.trainer.columns), step)
+        grid = torch.cat([torch.cat([shown(a), shown(b)], dim=2) for a, b in zip(batch["view_a"], batch["view_b"])], dim=1)
+        writer.add_image("views", grid, step)
+
+
+def shown(view: torch.Tensor) -> torch.Tensor:
+    """A view as a displayable (3, H, W) image in [0, 1] (ImageNet normalisation undone for RGB)."""
+    from lucatrain.data.simclr_views import IMAGENET_MEAN, IMAGENET_STD
+
+    if view.shape[0] == 3:
+        view = view * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    else:
+        view = view[:1].expand(3, -1, -1)
+    return view.clamp(0, 1)
 
 
 def _task_from(info: dict, state: dict) -> SimclrTask:

@@ -24,11 +24,13 @@ from lucatrain.task import Metric, Task, higher_is_better, lower_is_better
 
 
 class SimclrTask(Task):
-    def __init__(self, backbone, head, temperature: float, knn_bank: str = "", knn_k: int = 20, knn_temperature: float = 0.1):
+    def __init__(self, backbone, head, temperature: float, knn_bank: str = "", knn_k: int = 20, knn_temperature: float = 0.1,
+                 linear_probe: bool = False):  # fmt: skip
         super().__init__()
         self.backbone, self.head = backbone, head
         self.temperature = temperature
         self.knn_bank, self.knn_k, self.knn_temperature = knn_bank, knn_k, knn_temperature
+        self.linear_probe = linear_probe
 
     def count_targets(self, batch: dict) -> dict[str, float]:
         return {"micro_batches": 1.0}
@@ -52,7 +54,7 @@ class SimclrTask(Task):
         return share / per_rank, {"loss_total": torch.tensor(value * share_of_step), "steps": torch.tensor(share_of_step)}
 
     def metrics(self) -> dict[str, Metric]:
-        return {"loss": lower_is_better("loss"), "knn_top1": higher_is_better("knn_top1")}
+        return {"loss": lower_is_better("loss"), "knn_top1": higher_is_better("knn_top1"), "probe_top1": higher_is_better("probe_top1")}
 
     def summarize(self, sums: dict) -> dict[str, float]:
         steps = float(sums.get("steps", 0.0))
@@ -77,11 +79,38 @@ class SimclrTask(Task):
         results = {name: {"loss": float(out["loss"].mean())} for name, out in gathered.items()}
         bank = gathered.get(self.knn_bank)
         if bank is not None and (bank["label_ids"] >= 0).any():
+            probe = fit_probe(bank["features"], bank["label_ids"]) if self.linear_probe else None
             for name, out in gathered.items():
                 if name != self.knn_bank and (out["label_ids"] >= 0).any():
                     results[name]["knn_top1"] = knn_accuracy(out["features"], out["label_ids"], bank["features"], bank["label_ids"],
                                                              self.knn_k, self.knn_temperature)  # fmt: skip
+                    if probe is not None:
+                        labelled = out["label_ids"] >= 0
+                        predicted = probe(out["features"][labelled])
+                        results[name]["probe_top1"] = float((predicted == out["label_ids"][labelled]).mean())
         return results
+
+
+def fit_probe(features: np.ndarray, labels: np.ndarray, weight_decay: float = 1e-4, iterations: int = 100):
+    """A softmax regression fitted with L-BFGS from zeros on the labelled rows (deterministic: the same
+    features give the same probe on every rank); returns features -> predicted label ids."""
+    rows = labels >= 0
+    x = torch.from_numpy(features[rows]).double()
+    y = torch.from_numpy(labels[rows]).long()
+    classes = int(labels.max()) + 1
+    weight = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    w, b = weight.detach(), bias.detach()
+    return lambda queries: (torch.from_numpy(queries).double() @ w + b).argmax(dim=1).numpy()
 
 
 def knn_accuracy(queries: np.ndarray, query_labels: np.ndarray, bank: np.ndarray, bank_labels: np.ndarray, k: int,
