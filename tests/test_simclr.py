@@ -408,3 +408,17 @@ def test_view_pairs_reach_tensorboard_and_plot_draws_the_curves(tmp_path):
     assert pngs == ["knn_top1.png", "loss.png", "lr.png"]
     assert Image.open(tmp_path / "run" / "plots" / "loss.png").size == (600, 350)
     assert main(["plot", str(tmp_path / "nowhere")]) == 2
+
+
+def test_run_script_maps_its_variables_and_trains(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "TINY": "1", "LAUNCHER": "python", "max_epochs": "1", "out_dir": str(tmp_path / "run"), "lr": "0.002",
+           "EXTRA_ARGS": f"data.cache_dir={tmp_path / 'cache'} train.progress_bar=false train.warmup_steps=1"}  # fmt: skip
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    result = subprocess.run(["bash", "run_scripts/run_simclr.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "model_type: simclr" in config and "num_train_epochs: 1" in config and "learning_rate: 0.002" in config
+    assert (tmp_path / "run" / "last" / "backbone" / "config.json").is_file()
