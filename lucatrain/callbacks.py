@@ -13,7 +13,8 @@ class StepCallback:
 
         on_start(trainer)        training begins (after a resume has restored the state)
         after_step(engine)       after every optimizer update
-        after_evaluate(results)  after every evaluation; True stops training
+        metrics(trainer, results) after every evaluation, before logging: more metrics {split: {name: value}}
+        after_evaluate(results)  after every evaluation (with those metrics); True stops training
         after_save(path)         after every committed checkpoint (its directory)
         on_end(trainer)          after the last checkpoint and the `last/` export
 
@@ -36,6 +37,11 @@ class StepCallback:
 
     def on_end(self, trainer) -> None:
         """Called once at the end of a run that finished (not after an error)."""
+
+    def metrics(self, trainer, results: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        """Extra metrics of an evaluation by split (a metric callback), logged and seen by every
+        `after_evaluate` and by early stopping; called on every rank, the values must agree."""
+        return {}
 
     def after_evaluate(self, results: dict[str, dict[str, float]]) -> bool:
         """Called with every evaluation's metrics by split; True stops training."""

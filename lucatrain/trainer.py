@@ -557,6 +557,9 @@ class Trainer:
         self.last_evaluated = self.global_step
         if not results:
             return False
+        for callback in self.callbacks:  # metric callbacks add their values before anything is logged
+            for split, extra in (callback.metrics(self, results) or {}).items():
+                results.setdefault(split, {}).update(extra)
         logged = {}
         for name, metrics in results.items():
             prefix = "eval/" if name == PRIMARY_SPLIT else f"eval/{name}/"

@@ -170,6 +170,33 @@ def test_trains_learns_knn_and_exports_the_backbone(tmp_path):
         torch.testing.assert_close(torch.from_numpy(embed(tmp_path / "run" / "last", rows["image_path"])), trained, rtol=0, atol=1e-5)
 
 
+def test_backbones_start_from_local_weights(tmp_path):
+    from lucatrain.families.simclr.model import Backbone
+
+    source = Backbone("resnet_tiny", 4, 32)
+    source.model.save_pretrained(tmp_path / "resnet")
+    loaded = Backbone("resnet_tiny", 4, 32, weights=str(tmp_path / "resnet"))
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))
+    pixels = torch.rand(2, 4, 32, 32)
+    torch.testing.assert_close(loaded.eval()(pixels), source.eval()(pixels))
+
+
+def test_a_timm_backbone_takes_the_data_channels_and_a_local_weights_file(tmp_path):
+    """simclr.backbone_library=timm; runs where timm imports (it needs a torchvision built for this torch)."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    from lucatrain.families.simclr.model import Backbone
+
+    source = timm.create_model("resnet18", num_classes=5, in_chans=4).eval()
+    save_file(source.state_dict(), str(tmp_path / "resnet18.safetensors"))
+    backbone = Backbone("resnet18", 4, 32, weights=str(tmp_path / "resnet18.safetensors"), library="timm").eval()
+    pixels = torch.rand(2, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(pixels), source.forward_head(source.forward_features(pixels), pre_logits=True))
+    assert backbone.num_features == 512
+
+
 def test_a_multispectral_stack_trains_with_its_own_channel_count(tmp_path):
     cfg = load_config("simclr_tiny", simclr_overrides(tmp_path, **{
         "data.train_files": f"[{STACKS}]", "data.dev_splits": f"{{val: [{STACKS}]}}", "simclr.knn_bank": "''",
@@ -205,6 +232,9 @@ class CountingCallback(StepCallback):
     def on_end(self, trainer) -> None:
         CountingCallback.events.append(("end", trainer.global_step))
 
+    def metrics(self, trainer, results):
+        return {"val": {"steps_seen": float(CountingCallback.steps)}}
+
 
 def test_early_stopping_stops_keeps_its_counters_across_a_resume_and_custom_callbacks_run(tmp_path):
     # min_delta 10: no evaluation ever improves enough, so the run stops after `patience` evaluations.
@@ -219,6 +249,7 @@ def test_early_stopping_stops_keeps_its_counters_across_a_resume_and_custom_call
     assert CountingCallback.steps == 8
     saves = [("save", f"step-{n:06d}") for n in (2, 4, 6, 8)]
     assert CountingCallback.events == [("start", 0), *[e for pair in zip([("evaluate", ["val"])] * 4, saves) for e in pair], ("end", 8)]
+    assert [h["eval/val/steps_seen"] for h in read_history(tmp_path / "a" / "run") if "eval/val/steps_seen" in h] == [2, 4, 6, 8]
     state = json.loads((tmp_path / "a" / "run" / "checkpoints" / "step-000004" / "state" / "state.json").read_text())
     assert state["callbacks"]["early_stopping"]["waited"] == 1
     # Resumed from step 4 (one evaluation without improvement so far): it stops at step 8 again.

@@ -54,6 +54,10 @@ class SimclrConfig:
     backbone: str = "resnet18"
     """resnet18, resnet50, resnet101, vit_base_patch16_224 (transformers' models of those sizes), or
     resnet_tiny / vit_tiny for CPU runs; any other name is a timm model (needs timm and torchvision)."""
+    backbone_library: str = "transformers"
+    """Whose model `backbone` names: 'transformers' (the built-in names, timm for any other) or 'timm'
+    (every name through timm.create_model, e.g. to start from a timm weights file of resnet50; needs
+    timm and a torchvision built for this torch)."""
     weights: str = ""
     """"" (Phenoscape's null): random init; a local weights file or directory (a transformers directory
     for the built-in backbones, a file for timm). DEFAULT (pretrained weights) needs a download and is refused."""
@@ -79,6 +83,8 @@ class SimclrConfig:
         if self.weights.upper() == "DEFAULT":
             raise ConfigError("`simclr.weights=DEFAULT` means downloading pretrained weights, and this machine cannot; "
                               "download them elsewhere and give the local file or directory, or leave it empty for random init")  # fmt: skip
+        if self.backbone_library not in ("transformers", "timm"):
+            raise ConfigError(f"`simclr.backbone_library` must be transformers or timm, got {self.backbone_library!r}")
         if self.temperature <= 0:
             raise ConfigError(f"`simclr.temperature` must be > 0, got {self.temperature}")
         t = self.transforms

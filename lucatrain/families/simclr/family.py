@@ -78,7 +78,7 @@ class SimclrFamily(Family):
         c = self.cfg.simclr
         # A resume gets its weights from the checkpoint: the starting weights are not read again.
         weights = "" if resume_from is not None else c.weights
-        backbone = Backbone(c.backbone, self.channels, c.transforms.input_size, weights)
+        backbone = Backbone(c.backbone, self.channels, c.transforms.input_size, weights, c.backbone_library)
         head = ProjectionHead(backbone.num_features, c.proj_hidden_dim, c.proj_output_dim)
         self.task = SimclrTask(backbone, head, c.temperature, c.knn_bank, c.knn_k, c.knn_temperature, c.linear_probe)
         return self.task
@@ -92,7 +92,7 @@ class SimclrFamily(Family):
 
     def resume_state(self) -> dict:
         c = self.cfg.simclr
-        return {"backbone": c.backbone, "channels": self.channels, "input_size": c.transforms.input_size,
+        return {"backbone": c.backbone, "library": c.backbone_library, "channels": self.channels, "input_size": c.transforms.input_size,
                 "proj": [c.proj_hidden_dim, c.proj_output_dim]}  # fmt: skip
 
     def export_info(self, task) -> dict:
@@ -167,7 +167,7 @@ def shown(view: torch.Tensor) -> torch.Tensor:
 
 def _task_from(info: dict, state: dict) -> SimclrTask:
     c = _simclr_config(info["simclr"])
-    backbone = Backbone(c.backbone, info["channels"], c.transforms.input_size)
+    backbone = Backbone(c.backbone, info["channels"], c.transforms.input_size, library="timm" if info["kind"] == "timm" else "transformers")
     task = SimclrTask(backbone, ProjectionHead(backbone.num_features, c.proj_hidden_dim, c.proj_output_dim), c.temperature)
     expected = task.state_dict()
     task.load_state_dict({key: state[key] for key in expected})

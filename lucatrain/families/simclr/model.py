@@ -35,10 +35,14 @@ VITS = {
 class Backbone(nn.Module):
     """An image encoder giving (B, features) pooled features; `kind` says whose model it is."""
 
-    def __init__(self, name: str, in_chans: int, image_size: int, weights: str = ""):
+    def __init__(self, name: str, in_chans: int, image_size: int, weights: str = "", library: str = "transformers"):
         super().__init__()
         self.name, self.kind = name, "transformers"
-        if name in RESNETS:
+        if library == "timm":
+            self.kind = "timm"
+            self.model = _timm_model(name, in_chans, weights)
+            self.num_features = self.model.num_features
+        elif name in RESNETS:
             from transformers import ResNetConfig, ResNetModel
 
             if weights:
