@@ -120,6 +120,9 @@ def test_folders_tables_and_bad_images(tmp_path):
     table.unlink()
     with pytest.raises(Exception, match=r"broken\.jpg does not open"):
         load_data([root], cfg, SimclrRecipe([str(root)]))
+    skipping = load_config("simclr_tiny", simclr_overrides(tmp_path, **{"data.bad_records": "skip"}))
+    kept = load_data([root], skipping, SimclrRecipe([str(root)]))
+    assert len(kept) == 44 and kept.meta["num_rejected"] == 1
     broken.unlink()
     # Mixed channel counts in one dataset are refused, naming both images.
     np.save(root / "Bacillus" / "four.npy", np.zeros((4, 16, 16), dtype=np.uint8))
