@@ -4,7 +4,8 @@
 #
 # Launch:  LAUNCHER=deepspeed (default) | torchrun | python (one process, no launcher)
 #          nproc_per_node (processes on this node), CUDA_VISIBLE_DEVICES (deepspeed: --include),
-#          HOSTFILE (multi-node DeepSpeed hostfile), MASTER_PORT, NNODES/NODE_RANK/MASTER_ADDR (torchrun)
+#          HOSTFILE (multi-node DeepSpeed hostfile; with NODE_RANK and MASTER_ADDR each node launches itself,
+#          --no_ssh), MASTER_PORT, NNODES/NODE_RANK/MASTER_ADDR (torchrun)
 # Tasks:   pretrain_task_level_type (all, token_level, span_level, seq_level, structure_level; comma list)
 #          pretrain_task_level_name (exact task names, comma list), CLASSIFIER_SIZES ({task: size, ...}),
 #          LABEL_DIR (label files <task>.txt; default: label/ beside the train files)
@@ -104,6 +105,11 @@ launch() {
       cmd=(deepspeed --master_port "$port")
       if [[ -n "${HOSTFILE:-}" ]]; then
         cmd+=(--hostfile "$HOSTFILE")
+        # NODE_RANK set: every node runs this script itself (a scheduler, or no ssh between nodes);
+        # unset: this node starts the others over ssh (pdsh), DeepSpeed's default.
+        if [[ -n "${NODE_RANK:-}" ]]; then
+          cmd+=(--no_ssh --node_rank "$NODE_RANK" --master_addr "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}")
+        fi
       elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
         # The deepspeed launcher sets CUDA_VISIBLE_DEVICES itself; --include is how it is told.
         cmd+=(--include "localhost:${CUDA_VISIBLE_DEVICES}")

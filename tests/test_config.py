@@ -52,7 +52,7 @@ def test_resolved_config_round_trips(tmp_path):
     [
         ("train.gradient_acumulation_steps=3", "unknown config key `train.gradient_acumulation_steps`"),
         ("trian.max_steps=3", "unknown config section `trian`"),
-        ("train.lr_scheduler=step", "`train.lr_scheduler` must be one of ['linear', 'cosine', 'constant']"),
+        ("train.lr_scheduler=step", "`train.lr_scheduler` must be one of ['linear', 'cosine', 'constant', 'one_cycle']"),
         ("train.batch_size=0", "`train.batch_size` must be > 0"),
         ("train.batch_size=abc", "`train.batch_size` must be an integer"),
         ("data.bad_records=ignore", "`data.bad_records` must be one of ['fail', 'skip']"),
@@ -95,7 +95,7 @@ def test_family_sections_are_registered_and_checked():
     assert cfg.finetune.pooling == "mean" and cfg.to_dict()["finetune"]["pooling"] == "mean"
     with pytest.raises(ConfigError, match=r"unknown config key `finetune.polling`; valid keys in `finetune` are"):
         load_config(None, ["finetune.polling=mean"])
-    with pytest.raises(ConfigError, match=r"unknown config section `clip`; valid sections are \[.*'tasks', 'finetune'\]"):
+    with pytest.raises(ConfigError, match=r"unknown config section `clip`; valid sections are \[.*'tasks', 'finetune', 'simclr'\]"):
         load_config(None, ["clip.batch_size=8"])
     # A saved config.yaml loads back to the same values, family sections included.
     assert load_config(None, []).to_dict() == Config().to_dict()

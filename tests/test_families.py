@@ -37,10 +37,10 @@ def test_the_trainer_and_the_data_layer_import_no_family():
 
 
 def test_registry_lists_the_families_and_names_them_on_a_bad_lookup():
-    assert family_names() == ["clibd", "clibd_finetune", "lucaone_gplm", "seq_finetune"]
+    assert family_names() == ["clibd", "clibd_finetune", "lucaone_gplm", "seq_finetune", "simclr"]
     assert get_family("seq_finetune") is SeqFinetuneFamily
-    with pytest.raises(ValueError, match=r"unknown model family 'simclr' .* registered families are \['clibd', 'clibd_finetune', 'lucaone_gplm', 'seq_finetune'\]"):
-        get_family("simclr")
+    with pytest.raises(ValueError, match=r"unknown model family 'clip' .* registered families are \['clibd', 'clibd_finetune', 'lucaone_gplm', 'seq_finetune', 'simclr'\]"):
+        get_family("clip")
     with pytest.raises(ValueError, match="registered twice"):
         register_family(type("Impostor", (SeqFinetuneFamily,), {}))
 

@@ -87,7 +87,7 @@ def test_labels_are_checked_at_prepare_naming_file_and_line(tmp_path):
 def test_config_of_the_family_is_checked():
     with pytest.raises(ConfigError, match=r"`finetune.output_mode` must be one of \['multi_class', 'binary_class', 'regression'\]"):
         load_config(None, ["model.model_type=seq_finetune", "finetune.output_mode=ranking"])
-    with pytest.raises(ConfigError, match=r"model.model_type` must be one of \['clibd', 'clibd_finetune', 'lucaone_gplm', 'seq_finetune'\]"):
+    with pytest.raises(ConfigError, match=r"model.model_type` must be one of \['clibd', 'clibd_finetune', 'lucaone_gplm', 'seq_finetune', 'simclr'\]"):
         load_config(None, ["model.model_type=clip"])
 
 

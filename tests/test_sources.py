@@ -151,9 +151,13 @@ def test_detect_format_unknown_extension_lists_known(tmp_path):
 
 
 def test_list_input_files_expands_directories_sorted():
+    from lucatrain.data.sources import IMAGE_EXTENSIONS
+
     files = list_input_files([DATA])
     assert files == sorted(files)
-    assert [str(f.relative_to(DATA)) for f in files] == [
+    images = [f for f in files if f.suffix in IMAGE_EXTENSIONS]  # the SimCLR samples: 171 photographs, 26 stacks
+    assert len(images) == 197 and all("simclr_" in str(f) for f in images)
+    assert [str(f.relative_to(DATA)) for f in files if f not in images] == [
         "clibd_sample.hdf5", "lucaone_sample/dev/dev.csv", "lucaone_sample/test/test.csv", "lucaone_sample/train/train.csv", "rrna_genes.fasta",
         "rrna_type/dev/dev.csv", "rrna_type/test/test.csv", "rrna_type/train/train.csv", "swissprot_sample.dat",
     ]  # fmt: skip
