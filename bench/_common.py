@@ -94,10 +94,12 @@ def warn_if_busy(threshold: float = 0.3) -> float:
     return load
 
 
-def ratio_line(name: str, value: float, target: float) -> tuple[str, bool]:
-    """The one-line verdict scripts print and tests/CI can grep: higher is better, target is a minimum."""
-    ok = value >= target
-    return f"RATIO {name}={value:.3f} target=>={target:g} {'PASS' if ok else 'FAIL'}", ok
+def ratio_line(name: str, value: float, target: float, higher_is_better: bool = True) -> tuple[str, bool]:
+    """The one-line verdict scripts print and tests/CI can grep: by default higher is better and the
+    target a minimum; with `higher_is_better` False the target is a maximum."""
+    ok = value >= target if higher_is_better else value <= target
+    bound = ">=" if higher_is_better else "<="
+    return f"RATIO {name}={value:.3f} target={bound}{target:g} {'PASS' if ok else 'FAIL'}", ok
 
 
 def alternate_timing(batches, sides: dict) -> dict[str, list[float]]:

@@ -31,7 +31,7 @@ import torch
 
 from lucatrain import dist
 from lucatrain.monitor import get_logger
-from lucatrain.progress import legacy_ledger_state
+from lucatrain.progress import STORE, legacy_ledger_state
 from lucatrain.state import read_state
 
 MANIFEST = "manifest.json"
@@ -107,11 +107,22 @@ def write_manifest(directory: Path, step: int, summary: dict) -> None:
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
             files[str(path.relative_to(directory))] = {"size": path.stat().st_size, "xxh3_64": file_checksum(path)}
+    # The ledger segments this checkpoint lists, beside it in the shared store: by size here (a resume
+    # then reads none of them); their checksums are checked whenever one is read (lucatrain.progress).
+    for segment in _ledger_segments(directory):
+        files[f"../{STORE}/{segment['name']}"] = {"size": segment["size"]}
     manifest = {"step": step, "world_size": dist.world_size(), "ledger": summary, "files": files}
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     _fsync_file(tmp)
     os.replace(tmp, directory / MANIFEST)
+
+
+def _ledger_segments(directory: Path) -> list[dict]:
+    try:
+        return json.loads((directory / "state" / "state.json").read_text()).get("ledger", {}).get("segments", [])
+    except (OSError, ValueError):
+        return []
 
 
 def read_valid_manifest(directory: Path, verify: bool = False) -> dict | None:
@@ -217,6 +228,7 @@ def commit(root: Path, step: int, summary: dict, keep_last: int) -> Path:
         os.replace(tmp, root / LATEST)
         shutil.rmtree(retired, ignore_errors=True)
         prune(root, keep_last)
+        prune_ledger_store(root)
     dist.barrier()
     return final
 
@@ -226,6 +238,29 @@ def committed(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: step_of(p.name))
+
+
+def prune_ledger_store(root: Path) -> None:
+    """Delete the ledger segments (lucatrain.progress) that no checkpoint under `root` lists, and
+    half-written ones; when a checkpoint's state cannot be read, nothing is deleted."""
+    from lucatrain.progress import referenced_segments
+
+    store = root / STORE
+    if not store.is_dir():
+        return
+    referenced: set[str] = set()
+    for path in root.iterdir():
+        if path.is_dir() and (path.name.startswith("step-") or path.name.startswith(RETIRED_PREFIX)):
+            try:
+                state = json.loads((path / "state" / "state.json").read_text())
+            except (OSError, ValueError):
+                if (path / "trainer_state.json").is_file():  # the layout before state/: its ledger is inline
+                    continue
+                return
+            referenced |= referenced_segments(state.get("ledger", {}))
+    for segment in store.iterdir():
+        if segment.name not in referenced:
+            segment.unlink(missing_ok=True)
 
 
 def prune(root: Path, keep_last: int) -> None:

@@ -112,10 +112,22 @@ def _checkpoint_of(run_or_checkpoint: str) -> Path:
 
 
 def _ledger_of(run_or_checkpoint: str):
+    """(checkpoint, its ledger with every id read): the newest sound checkpoint; one whose ledger
+    segments do not match their checksums is passed over, saying why, for the one before it."""
+    from lucatrain.checkpoint import committed, read_valid_manifest
     from lucatrain.progress import Ledger
 
     path = _checkpoint_of(run_or_checkpoint)
-    return path, Ledger.from_checkpoint(path)
+    candidates = [path] + [p for p in reversed(committed(path.parent)) if p.name < path.name and read_valid_manifest(p, verify=True)]
+    for candidate in candidates:
+        ledger = Ledger.from_checkpoint(candidate)
+        try:
+            for epoch in ledger.epochs():
+                ledger.consumed_ids(epoch)
+            return candidate, ledger
+        except ValueError as err:
+            print(f"lucatrain audit: {err}; auditing the checkpoint before {candidate.name}", file=sys.stderr)
+    raise ValueError(f"no checkpoint of {run_or_checkpoint} has a readable progress ledger")
 
 
 def _export(args) -> int:
@@ -165,7 +177,7 @@ def _audit(args) -> int:
             print(f"  duplicated ids (first {len(entry['duplicates'])}): {entry['duplicates']}")
     if args.compare:
         other_path, other = _ledger_of(args.compare)
-        epochs = sorted(set(ledger.epoch_ids) | set(other.epoch_ids))
+        epochs = sorted(set(ledger.epochs()) | set(other.epochs()))
         for epoch in epochs:
             mine, theirs = ledger.consumed_ids(epoch), other.consumed_ids(epoch)
             n = min(len(mine), len(theirs))

@@ -32,6 +32,7 @@ from lucatrain.engine import shutdown as engine_shutdown
 from lucatrain.engine import shutdown_after_error as engine_shutdown_after_error
 from lucatrain.families import get_family
 from lucatrain.monitor import Monitor, get_logger, setup_logging
+from lucatrain.progress import STORE as LEDGER_STORE
 from lucatrain.progress import Ledger
 from lucatrain.state import write_state
 from lucatrain.task import Split, accumulate
@@ -312,7 +313,7 @@ class Trainer:
             return self.epoch_plan(epoch), 0, {**key, "prefix": 0}
         same_order = {k: v for k, v in ledger.order_key.items() if k != "prefix"} == key
         prefix = ledger.order_key.get("prefix", 0) if same_order else ledger.cursor
-        batches = self.epoch_plan(epoch, ledger.consumed_ids(epoch)[:prefix])
+        batches = self.epoch_plan(epoch, ledger.consumed_ids(epoch, prefix))  # prefix 0: no segment is read
         position = prefix
         for i, batch in enumerate(batches):
             if position == ledger.cursor:
@@ -591,8 +592,10 @@ class Trainer:
         self.engine.save(stage, DS_TAG, client_state={})
         checkpoint.save_rng_state(stage / "rng" / f"rank{self.rank}.npz")
         if dist.is_main():
-            write_state(stage / "state", self.state_dict())
+            write_state(stage / "state", self.state_dict())  # writes the ledger's new segments
             (stage / EXPORT_INFO).write_text(json.dumps(self.export_info(), indent=1))
+        else:  # the same segments, recorded without writing: every rank's ledger stays in step
+            self.ledger.state_dict(self.checkpoint_root / LEDGER_STORE, write=False)
         checkpoint.maybe_fault("after_shards", self.global_step)
         path = checkpoint.commit(self.checkpoint_root, self.global_step, self.ledger.summary(), self.cfg.train.save_total_limit)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if dist.is_main() else 0
@@ -649,7 +652,7 @@ class Trainer:
             "family": self.family.resume_state(),
             "task": self.task.run_state(),
             "callbacks": {callback.name: callback.state_dict() for callback in self.callbacks},
-            "ledger": self.ledger.state_dict(),
+            "ledger": self.ledger.state_dict(self.checkpoint_root / LEDGER_STORE),
         }
 
     def load_state_dict(self, state: dict, where: str = "checkpoint") -> None:
@@ -665,7 +668,7 @@ class Trainer:
         saved_callbacks = state.get("callbacks", {})
         for callback in self.callbacks:
             callback.load_state_dict(saved_callbacks.get(callback.name, {}))
-        self.ledger = Ledger.from_state_dict(state["ledger"], where)
+        self.ledger = Ledger.from_state_dict(state["ledger"], where, Path(where).parent / LEDGER_STORE)
 
     def check_resume(self, path: Path, state: dict) -> None:
         """The checkpoint was written by this family, and the family accepts it for this run."""

@@ -65,6 +65,53 @@ def test_rng_states_round_trip(tmp_path):
         assert "torch_cpu" in data.files
 
 
+def test_ledger_segments_grow_with_the_new_samples_and_a_load_reads_none(tmp_path, monkeypatch):
+    """Each save writes the ids since the previous one (a segment per epoch, one of steps); loading
+    reads no segment until ids are asked for; a corrupt segment is named; retention drops segments no
+    checkpoint lists."""
+    from lucatrain.checkpoint import prune_ledger_store
+    from lucatrain.progress import STORE
+
+    store = tmp_path / STORE
+    ledger = Ledger()
+    ledger.start_epoch(0, {"seed": 1}, "f" * 64)
+    rng = np.random.default_rng(0)
+    states, written = [], []
+    position = 0
+    for save in range(3):
+        for step in range(10):
+            ids = rng.integers(0, 2**62, 100)
+            ledger.record_step(save * 10 + step + 1, 0, position, position + 100, ids, tokens=1000)
+            position += 100
+        before = sum(f.stat().st_size for f in store.glob("*")) if store.exists() else 0
+        states.append(ledger.state_dict(store))
+        written.append(sum(f.stat().st_size for f in store.glob("*")) - before)
+    # 1,000 ids (8 kB) + 10 step rows per save, whatever the total before it.
+    assert all(8000 < w < 9000 for w in written), written
+    want = ledger.consumed_ids(0)
+    reads = []
+    real = Ledger._read
+    monkeypatch.setattr(Ledger, "_read", lambda self, segment: reads.append(segment["name"]) or real(self, segment))
+    again = Ledger.from_state_dict(states[-1], "checkpoint", store)
+    assert reads == [] and again.summary() == ledger.summary()
+    assert again.consumed_ids(0, 150).tolist() == want[:150].tolist() and len(reads) == 1  # one segment read
+    np.testing.assert_array_equal(again.consumed_ids(0), want)
+    np.testing.assert_array_equal(again.step_ids(25), want[2400:2500])
+    # Corruption is named by the segment's path.
+    victim = store / states[-1]["segments"][0]["name"]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{victim.name}: progress ledger segment does not match its checksum or size"):
+        Ledger.from_state_dict(states[-1], "checkpoint", store).consumed_ids(0)
+    # Retention: only the segments the remaining checkpoints list stay.
+    (store / "e0-orphan.npy").write_bytes(b"x")
+    for step, state in ((10, states[0]), (30, states[-1])):
+        write_state(tmp_path / f"step-{step:06d}" / "state", {"ledger": state})
+    prune_ledger_store(tmp_path)
+    assert sorted(f.name for f in store.iterdir()) == sorted(s["name"] for s in states[-1]["segments"])
+
+
 def test_ledger_round_trip_step_ids_and_audit(tmp_path):
     ledger = Ledger()
     ledger.start_epoch(0, {"seed": 1, "prefix": 0}, "f" * 64)

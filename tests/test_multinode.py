@@ -56,13 +56,11 @@ def losses(run_dir) -> list[float]:
 
 
 def consumed(run_dir) -> list[int]:
-    from lucatrain.checkpoint import read_checkpoint_state
     from lucatrain.progress import Ledger
 
     checkpoints = run_dir / "run" / "checkpoints"
-    state = read_checkpoint_state(checkpoints / (checkpoints / "latest").read_text().strip())
-    ledger = Ledger.from_state_dict(state["ledger"])
-    return sorted(int(i) for epoch in ledger.epoch_ids for i in ledger.consumed_ids(epoch))
+    ledger = Ledger.from_checkpoint(checkpoints / (checkpoints / "latest").read_text().strip())
+    return sorted(int(i) for epoch in ledger.epochs() for i in ledger.consumed_ids(epoch))
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])

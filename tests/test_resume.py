@@ -187,25 +187,36 @@ def test_audit_reports_and_detects_a_duplicated_id(tmp_path, uninterrupted):
     assert "epoch 0: consumed 96, unique 96, duplicates 0, never seen 216 of 312" in clean.stdout
     assert "epoch 0: same ids in the same order" in clean.stdout
 
+    import json
+
+    import xxhash
+
     run = tmp_path / "run"
     shutil.copytree(uninterrupted / "checkpoints", run / "checkpoints")
-    ids_path = state_array_file(run / "checkpoints" / "step-000012" / "state", "ledger", "epochs", "0", "ids")
-    ids = np.load(ids_path)
+    # The ids of steps 10-12 are the one segment that only step-000012 lists (the ledger store, lucatrain.progress).
+    state_file = run / "checkpoints" / "step-000012" / "state" / "state.json"
+    state = json.loads(state_file.read_text())
+    last = [s for s in state["ledger"]["segments"] if s["kind"] == "ids"][-1]
+    segment = run / "checkpoints" / "ledger" / last["name"]
+    ids = np.load(segment)
     ids[5] = ids[4]  # same file size, other bytes
-    np.save(ids_path, ids)
+    np.save(segment, ids)
     # The checksum gives the tampering away: audit reads the previous checkpoint instead, and says why.
     skipped = audit(run)
     assert "does not match its checksum" in skipped.stderr and "consumed 72" in skipped.stdout
-    # A ledger that records a duplicate in a checkpoint that is otherwise sound (its manifest rewritten):
+    # A ledger that records a duplicate in a checkpoint that is otherwise sound (its checksum and manifest rewritten):
     from lucatrain.checkpoint import MANIFEST, write_manifest
 
+    last["xxh3_64"] = xxhash.xxh3_64_hexdigest(segment.read_bytes())
+    state["ledger"]["segments"] = [last if s["name"] == last["name"] else s for s in state["ledger"]["segments"]]
+    state_file.write_text(json.dumps(state))
     step12 = run / "checkpoints" / "step-000012"
     (step12 / MANIFEST).unlink()
     write_manifest(step12, 12, {})
     dirty = audit(run, "--compare", uninterrupted)
     assert dirty.returncode == 1
     assert "duplicates 1" in dirty.stdout and str(int(ids[4])) in dirty.stdout
-    assert "epoch 0: runs diverge at position 5" in dirty.stdout
+    assert "epoch 0: runs diverge at position 77" in dirty.stdout  # 72 before the segment + 5
 
 
 def test_sigterm_commits_the_current_step_and_resume_is_exact(tmp_path, uninterrupted):
