@@ -265,8 +265,11 @@ def test_a_checkpoint_in_the_layout_before_families_still_resumes(tmp_path):
     root = tmp_path / "b" / "run" / "checkpoints"
     shutil.copytree(tmp_path / "a" / "run" / "checkpoints" / "step-000003", root / "step-000003")
     old = root / "step-000003"
+    from lucatrain.progress import Ledger
+
     state = read_state(old / "state")
-    ledger = state["ledger"]
+    # Today's ledger keeps its ids in the run's segment store; the old layout held them all inline.
+    ledger = Ledger.from_state_dict(state["ledger"], "a", tmp_path / "a" / "run" / "checkpoints" / "ledger").state_dict()
     (old / "ledger").mkdir()
     np.save(old / "ledger" / "steps.npy", ledger["steps_table"])
     for epoch, info in ledger["epochs"].items():
