@@ -681,23 +681,27 @@ register_source(Source("swissprot", _iter_swissprot, (".dat", ".swiss", ".sp", "
 BIOSCAN_COLUMNS = ("processid", "dna_barcode", "split")
 
 
-def _is_bioscan_table(path: Path) -> bool:
+def _table_columns(path: Path) -> set[str] | None:
+    """The column names of a CSV/TSV (its header line) or Parquet table; None when it is not readable as one."""
     name, _ = _strip_compression(path.name)
     if name.lower().endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
 
-            names = set(pq.ParquetFile(path).schema_arrow.names)
+            return set(pq.ParquetFile(path).schema_arrow.names)
         except Exception:  # noqa: BLE001  (not a readable Parquet file: not this format)
-            return False
-    else:
-        try:
-            with _open_binary(path) as f:
-                header = f.readline().decode("utf-8", errors="replace").removeprefix("\ufeff").strip()
-        except (OSError, EOFError, lzma.LZMAError):
-            return False
-        names = set(header.split(_delimiter(path)))
-    return all(column in names for column in BIOSCAN_COLUMNS)
+            return None
+    try:
+        with _open_binary(path) as f:
+            header = f.readline().decode("utf-8", errors="replace").removeprefix("\ufeff").strip()
+    except (OSError, EOFError, lzma.LZMAError):
+        return None
+    return set(header.split(_delimiter(path)))
+
+
+def _is_bioscan_table(path: Path) -> bool:
+    names = _table_columns(path)
+    return names is not None and all(column in names for column in BIOSCAN_COLUMNS)
 
 
 def _iter_bioscan_table(path: Path, fasta_obj_type: str = "auto"):
@@ -730,22 +734,8 @@ def _iter_image(path: Path, fasta_obj_type: str = "auto"):
 
 
 def _is_image_table(path: Path) -> bool:
-    name, _ = _strip_compression(path.name)
-    if name.lower().endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-
-            names = set(pq.ParquetFile(path).schema_arrow.names)
-        except Exception:  # noqa: BLE001  (not a readable Parquet file: not this format)
-            return False
-    else:
-        try:
-            with _open_binary(path) as f:
-                header = f.readline().decode("utf-8", errors="replace").removeprefix("\ufeff").strip()
-        except (OSError, EOFError, lzma.LZMAError):
-            return False
-        names = set(header.split(_delimiter(path)))
-    return "path" in names and not all(column in names for column in BIOSCAN_COLUMNS)
+    names = _table_columns(path)
+    return names is not None and "path" in names and not all(column in names for column in BIOSCAN_COLUMNS)
 
 
 def _iter_image_table(path: Path, fasta_obj_type: str = "auto"):
