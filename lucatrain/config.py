@@ -467,6 +467,15 @@ class Config:
 
 CORE_SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "sections"]
 
+PRIMARY_SPLIT = "dev"  # `data.dev_files`, logged as eval/<metric>; named splits log as eval/<name>/<metric>
+
+
+def dev_inputs(cfg: Config) -> dict[str, list[str]]:
+    """Dev split name -> input files: `data.dev_files` as 'dev', then `data.dev_splits` by name."""
+    splits = {PRIMARY_SPLIT: cfg.data.dev_files} if cfg.data.dev_files else {}
+    splits.update(cfg.data.dev_splits)  # names checked by DataConfig.validate
+    return splits
+
 
 def _load_families() -> None:
     """Import the built-in families, which register their config sections."""

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lucatrain import checkpoint, dist
 from lucatrain.checkpoint import EXPORT_INFO, maybe_fault, read_checkpoint_state, read_valid_manifest
-from lucatrain.config import Config, ConfigError
+from lucatrain.config import PRIMARY_SPLIT, Config, ConfigError, dev_inputs
 from lucatrain.data.batching import BatchSpec, padded_lengths, plan_epoch, rank_micro_batches, truncation_summary
 from lucatrain.data.prepared import PreparedDataset, load_prepared, prepare_or_load
 from lucatrain.engine import Engine, convert_to_universal, init_distributed, peak_memory_bytes
@@ -37,7 +37,6 @@ from lucatrain.progress import Ledger
 from lucatrain.state import write_state
 from lucatrain.task import Split, accumulate
 
-PRIMARY_SPLIT = "dev"  # `data.dev_files`, logged as eval/<metric>; named splits log as eval/<name>/<metric>
 
 
 class MicroBatches(Dataset):
@@ -88,13 +87,6 @@ def load_data(files: list[str], cfg: Config, recipe) -> PreparedDataset:
     if status == "error":
         raise payload
     return data if data is not None else load_prepared(payload)
-
-
-def dev_inputs(cfg: Config) -> dict[str, list[str]]:
-    """Dev split name -> input files: `data.dev_files` as 'dev', then `data.dev_splits` by name."""
-    splits = {PRIMARY_SPLIT: cfg.data.dev_files} if cfg.data.dev_files else {}
-    splits.update(cfg.data.dev_splits)  # names checked by DataConfig.validate
-    return splits
 
 
 # What a run writes into its directory. logs/ is not among them: a start that failed leaves only its

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lucatrain import dist
-from lucatrain.config import ConfigError
+from lucatrain.config import ConfigError, dev_inputs
 from lucatrain.contrastive import ContrastiveLoss, Gathering, LogitScaleClamp, pair_graph
 from lucatrain.families import register_family
 from lucatrain.families.base import Family
@@ -88,7 +88,7 @@ class ClibdFamily(Family):
     @classmethod
     def check_config(cls, cfg) -> None:
         c = cfg.clibd
-        splits = set(cfg.data.dev_splits) | ({"dev"} if cfg.data.dev_files else set())
+        splits = set(dev_inputs(cfg))
         if "dev" in splits:
             raise ConfigError("`data.dev_files`: a CLIBD dev split is read from the HDF5 group of its name; list the splits in "
                               "`data.dev_splits` (e.g. {val_seen: [f.hdf5], val_unseen: [f.hdf5], all_keys: [f.hdf5]})")  # fmt: skip

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from lucatrain import dist
 from lucatrain.callbacks import StepCallback
-from lucatrain.config import ConfigError
+from lucatrain.config import ConfigError, dev_inputs
 from lucatrain.data.simclr_views import SimclrAugment
 from lucatrain.families import register_family
 from lucatrain.families.base import Family
@@ -33,9 +33,10 @@ WEIGHTS, INFO = "model.safetensors", "simclr.json"
 
 
 def augment_of(c: SimclrConfig) -> SimclrAugment:
-    t = c.transforms
-    return SimclrAugment(t.input_size, t.min_scale, t.hflip, t.vflip, t.cj_prob, t.cj_strength, t.random_gray_scale, t.gaussian_blur,
-                         t.kernel_size, list(t.sigmas), t.normalize)  # fmt: skip
+    # The same parameters by name (the config's input_size is the augment's size): a field added to
+    # one and not the other is a TypeError here, not a silently shifted argument.
+    values = dataclasses.asdict(c.transforms)
+    return SimclrAugment(size=values.pop("input_size"), **values)
 
 
 @register_family
@@ -46,7 +47,7 @@ class SimclrFamily(Family):
     @classmethod
     def check_config(cls, cfg) -> None:
         c = cfg.simclr
-        splits = set(cfg.data.dev_splits) | ({"dev"} if cfg.data.dev_files else set())
+        splits = set(dev_inputs(cfg))
         if c.knn_bank and c.knn_bank not in splits:
             raise ConfigError(f"`simclr.knn_bank` ({c.knn_bank!r}) must be one of the dev splits {sorted(splits)}: its labelled "
                               "images are the kNN classifier's memory")  # fmt: skip
