@@ -10,6 +10,7 @@ training config here, so the two never disagree silently.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -63,30 +64,35 @@ def init_distributed() -> None:
     accelerator = deepspeed.get_accelerator()
     if accelerator.device_name() == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if accelerator.device_name() == "cpu":
-        _build_cpu_comm_op_once()
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False, **init)
+    with _no_cpu_shm_comm_op():
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False, **init)
 
 
-def _build_cpu_comm_op_once() -> None:
-    """JIT-build DeepSpeed's CPU shared-memory comm op under a file lock.
+@contextlib.contextmanager
+def _no_cpu_shm_comm_op():
+    """Start DeepSpeed's communication backend without its CPU shared-memory comm op.
 
-    On a cold cache every rank would compile the same op at once; two compilers racing on one
-    extension directory has crashed a rank. With the lock, the first rank builds and the others
-    then load the cached library.
+    On CPU, DeepSpeed's TorchBackend JIT-compiles that op (about 70 s with a C++ compiler, and a
+    compiler must be on PATH) and maps a 69 MB /dev/shm buffer per rank that it never removes. The op
+    serves one call only, `inference_all_reduce` (tensor-parallel inference kernels), which falls back
+    to the process group's all_reduce without it; training's collectives always go through
+    torch.distributed (gloo). So lucatrain marks the op incompatible while the backend starts, which is
+    DeepSpeed's own path for a machine that cannot build it. No compiler runs at training time, no
+    build lock can be left behind by a killed start, and nothing is left in /dev/shm.
     """
-    import fcntl
-
     import deepspeed
 
     builder = deepspeed.get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+    if builder is None:  # an accelerator without the op (CUDA): nothing to avoid
+        yield
         return
-    lock_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")).expanduser()
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / "lucatrain-build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        builder.load(verbose=False)
+    compatible = deepspeed.ops.__compatible_ops__
+    before = compatible.get(builder.NAME, False)
+    compatible[builder.NAME] = False
+    try:
+        yield
+    finally:
+        compatible[builder.NAME] = before
 
 
 def device() -> torch.device:
@@ -531,36 +537,14 @@ def convert_to_universal(checkpoint_dir: Path, tag: str, output_dir: Path) -> No
 
 
 def shutdown() -> None:
-    """End a run cleanly: barrier, remove DeepSpeed's CPU shared-memory buffer, leave the group.
+    """End a run cleanly: barrier, then leave the group.
 
-    DeepSpeed's CPU all-reduce creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
-    (69 MB per rank) and never unlinks it, so every multi-process CPU run would leave ~140 MB of
-    shared memory behind until the machine runs out. Each rank removes its own once all ranks are
-    done. Leaving the group explicitly also avoids an abort at interpreter exit seen once in CI.
+    Leaving the group explicitly avoids an abort at interpreter exit seen once in CI.
     """
     if not dist.is_initialized():
         return
-    rank = dist.rank()
     dist.barrier()
-    _shm_buffer(rank).unlink(missing_ok=True)
     release_process_group()
-
-
-def shutdown_after_error() -> None:
-    """A run that failed: remove this rank's shared-memory buffer, without a barrier.
-
-    The other ranks may be failing too, or stuck in a collective the launcher is about to end: waiting
-    for them here could turn a crash into a hang. DeepSpeed has mapped the buffer already, so unlinking
-    the name is safe while the process lives on.
-    """
-    if dist.is_initialized():
-        _shm_buffer(dist.rank()).unlink(missing_ok=True)
-
-
-def _shm_buffer(rank: int) -> Path:
-    """DeepSpeed's CPU all-reduce workspace of `rank` in this run (see `shutdown`)."""
-    parts = ["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), str(rank)]
-    return Path("/dev/shm") / "_".join(parts)
 
 
 def release_process_group() -> None:

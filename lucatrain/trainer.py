@@ -29,7 +29,6 @@ from lucatrain.data.prepared import PreparedDataset, load_prepared, prepare_or_l
 from lucatrain.engine import Engine, convert_to_universal, init_distributed, peak_memory_bytes
 from lucatrain.errors import TrainingDiverged, TrainingInterrupted
 from lucatrain.engine import shutdown as engine_shutdown
-from lucatrain.engine import shutdown_after_error as engine_shutdown_after_error
 from lucatrain.families import get_family
 from lucatrain.monitor import Monitor, get_logger, setup_logging
 from lucatrain.progress import STORE as LEDGER_STORE
@@ -715,8 +714,10 @@ class Trainer:
 
 
 def run_training(cfg: Config) -> dict:
-    """One run, start to finish; DeepSpeed's shared-memory buffers go on every exit path, and the
-    reason a run stopped is in logs/training.log as well as on stderr."""
+    """One run, start to finish; the reason a run stopped is in logs/training.log as well as on stderr.
+
+    A failed run does not barrier on its way out: the other ranks may be failing too, or stuck in a
+    collective the launcher is about to end, and waiting for them could turn a crash into a hang."""
     try:
         result = Trainer(cfg).train()
     except TrainingInterrupted:
@@ -725,7 +726,6 @@ def run_training(cfg: Config) -> dict:
     except BaseException as err:
         if isinstance(err, ValueError) and not isinstance(err, TrainingDiverged) and get_logger().handlers:
             get_logger().error("%s", err)
-        engine_shutdown_after_error()
         raise
     engine_shutdown()
     return result

@@ -104,12 +104,8 @@ def launch(args: list[str], nproc: int, timeout: int = 600, launcher: str = "dee
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), "-m", "lucatrain", *args]
     port = cmd[cmd.index("--master_port") + 1] if "--master_port" in cmd else None
-    try:
-        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        # What the run itself left in /dev/shm (a test may assert it is nothing), before the cleanup.
-        result.shm_left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) if port else []
-    finally:
-        remove_shm_buffers(port)
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result.shm_left = shm_buffers(port)  # what the run left in /dev/shm (a test may assert it is nothing)
     if expect_failure:
         assert result.returncode != 0, "the run was expected to die"
         return result
@@ -142,11 +138,10 @@ def read_history(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
 
 
-def remove_shm_buffers(port) -> None:
-    """DeepSpeed's CPU all-reduce buffers of a run on `port` (a SIGKILLed run cannot remove its own)."""
-    if port is not None:
-        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            path.unlink(missing_ok=True)
+def shm_buffers(port) -> list[str]:
+    """DeepSpeed's CPU all-reduce buffers of a run on `port` in /dev/shm: lucatrain starts DeepSpeed
+    without the op that makes them (engine._no_cpu_shm_comm_op), so there should be none."""
+    return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) if port else []
 
 
 def all_tasks_dataset(directory: Path, genes: int = 12, proteins: int = 12) -> Path:
@@ -202,15 +197,12 @@ def spawn_ranks(worker, args, port: int, world: int = 2, timeout: float = 120) -
 
     context = mp.spawn(worker, args=args, nprocs=world, join=False)
     deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    if process.is_alive():
-                        process.kill()
-                pytest.fail(f"{worker.__name__} did not finish within {timeout}s (a collective hung?)")
-    finally:
-        remove_shm_buffers(port)
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"{worker.__name__} did not finish within {timeout}s (a collective hung?)")
 
 
 def join_group(rank: int, port: int, world: int = 2) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, _free_port, kill_step, launch, read_history, remove_shm_buffers, tiny_overrides
+from conftest import REPO, _free_port, kill_step, launch, read_history, tiny_overrides
 
 pytestmark = pytest.mark.multiprocess
 
@@ -47,7 +47,6 @@ def two_nodes(args: list[str], launcher: str, per_node: int, tmp_path, env_of=la
         for process in processes:
             if process.poll() is None:
                 process.kill()
-        remove_shm_buffers(str(port))
     return [(process.returncode, output) for process, output in zip(processes, outputs)]
 
 
