@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from lucatrain import dist
+from lucatrain.faults import kill_at
 from lucatrain.monitor import get_logger
 from lucatrain.progress import STORE, legacy_ledger_state
 from lucatrain.state import read_state
@@ -175,18 +176,9 @@ def read_checkpoint_state(path: Path) -> dict:
 def maybe_fault(point: str, step: int) -> None:
     """Test hook: LUCATRAIN_FAULT=<point>:<step> kills this process with SIGKILL at that point;
     LUCATRAIN_FAULT=sigterm:<step> sends rank 0 alone a SIGTERM after that step (a scheduler's notice)."""
-    fault = os.environ.get("LUCATRAIN_FAULT")
-    if fault == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if point == "step" and fault == f"sigterm:{step}" and dist.is_main():
+    kill_at(point, step)
+    if point == "step" and os.environ.get("LUCATRAIN_FAULT") == f"sigterm:{step}" and dist.is_main():
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-def fault_at(point: str, step: int) -> bool:
-    """Test hook: whether LUCATRAIN_FAULT=<point>:<step>[,<step>...] names this step (e.g. nan:3,4)."""
-    fault = os.environ.get("LUCATRAIN_FAULT", "")
-    name, _, steps = fault.partition(":")
-    return name == point and str(step) in steps.split(",")
 
 
 def staging_dir(root: Path, step: int) -> Path:

@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--fasta-obj-type", default="auto", choices=("auto", "gene", "prot"))
     prep.add_argument("--bad-records", default="fail", choices=("fail", "skip"))
     prep.add_argument("--duplicates", default="keep", choices=("keep", "drop", "fail"), help="records sharing an obj_id")
+    prep.add_argument("--workers", type=int, default=0, help="processes in parallel (0: one for inputs under 16 MB, else one per CPU)")
+    prep.add_argument("--shard-mb", type=float, default=32, help="input megabytes per shard, the unit of parallel and resumable work")
     prep.add_argument("--config", default=None, help="a recipe: its model family's record checks apply (model.model_type)")
     prep.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="config override, e.g. --set model.model_type=seq_finetune --set finetune.label_file=label.txt")
@@ -88,13 +90,14 @@ def _parser() -> argparse.ArgumentParser:
 def _prepare(args) -> int:
     from lucatrain.data.prepared import prepare
     from lucatrain.families import get_family
-    from lucatrain.monitor import get_logger
+    from lucatrain.monitor import get_logger, setup_logging
 
+    setup_logging(None)  # console only: resuming, warnings about the data
     # The family (and its settings, e.g. a fine-tuning label file) decide how records are checked.
     cfg = load_config(args.config, [*args.set, f"data.train_files=[{', '.join(args.inputs)}]"])
     recipe = get_family(cfg.model.model_type)(cfg, get_logger()).prepare_recipe()
     data = prepare(args.inputs, args.out, fmt=args.format, fasta_obj_type=args.fasta_obj_type, bad_records=args.bad_records,
-                   duplicates=args.duplicates, recipe=recipe)  # fmt: skip
+                   duplicates=args.duplicates, recipe=recipe, workers=args.workers, shard_bytes=int(args.shard_mb * 2**20))  # fmt: skip
     print(f"prepared {data.num_records} records into {data.path} (fingerprint {data.fingerprint[:16]})")
     return 0
 

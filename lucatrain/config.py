@@ -229,6 +229,9 @@ class DataConfig:
     first, drop later copies), 'fail' (stop, naming both records)."""
     cache_dir: str = "~/.cache/lucatrain/prepared"
     """Where raw inputs are prepared on the fly (keyed by their fingerprint, reused across runs)."""
+    prepare_workers: int = 0
+    """Processes preparing raw inputs in parallel (0 = auto: one for inputs under 16 MB, else one per CPU).
+    An interrupted preparation restarted reuses the shards it finished."""
     max_length: int = 1026
     """Tokens per sequence including [CLS] and [SEP] (LucaVirus: 3074)."""
     truncation: str = "right"
@@ -258,6 +261,7 @@ class DataConfig:
             )
         _check_positive("data.bucket_size", self.bucket_size)
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
+        _check_positive("data.prepare_workers", self.prepare_workers, allow_zero=True)
         for name, files in self.dev_splits.items():
             if name == "dev" and self.dev_files:
                 raise ConfigError("`data.dev_splits.dev`: the name 'dev' is taken by `data.dev_files`; choose another")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lucatrain import dist
-from lucatrain.checkpoint import fault_at
+from lucatrain.faults import fault_at
 from lucatrain.optim import LARS, lr_multiplier, param_groups
 
 # DeepSpeed still calls collectives that torch deprecated; the warning repeats every step.

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from lucatrain import checkpoint, dist
 from lucatrain.checkpoint import EXPORT_INFO, maybe_fault, read_checkpoint_state, read_valid_manifest
 from lucatrain.config import PRIMARY_SPLIT, Config, ConfigError, dev_inputs
-from lucatrain.data.batching import BatchSpec, padded_lengths, plan_epoch, rank_micro_batches, truncation_summary
+from lucatrain.data.batching import BatchSpec, batches_of, padded_lengths, plan_epoch_flat, rank_micro_batches, truncation_summary
 from lucatrain.data.prepared import PreparedDataset, load_prepared, prepare_or_load
 from lucatrain.engine import Engine, convert_to_universal, init_distributed, peak_memory_bytes
 from lucatrain.errors import TrainingDiverged, TrainingInterrupted
@@ -77,7 +77,7 @@ def load_data(files: list[str], cfg: Config, recipe) -> PreparedDataset:
     data, outcome = None, None
     if dist.is_main():
         try:
-            data = prepare_or_load(files, cache_dir, recipe, **options)
+            data = prepare_or_load(files, cache_dir, recipe, workers=cfg.data.prepare_workers, **options)
             outcome = ("ok", str(data.path))
         except ValueError as err:  # bad input: every rank must stop with the same message, not hang
             outcome = ("error", err)
@@ -188,6 +188,7 @@ class Trainer:
             sort_pool_size=cfg.data.bucket_size * self.world_size * self.accumulation * max(1, cfg.train.batch_size),
         )
         self.train_rows = self.family.trainable_rows(self.train_data)
+        self._last_plan: tuple[int, list[np.ndarray]] | None = None  # (epoch, its plan): see epoch_plan
         self.last_step = self.planned_steps()
         if self.last_step == 0:
             raise ValueError(f"no step to train: the {len(self.train_rows)} trainable samples of {cfg.data.train_files} make no "
@@ -228,7 +229,9 @@ class Trainer:
             self.engine.zero_stage,
             cfg.deepspeed.precision,
         )
-        cut = truncation_summary(self.train_data.lengths[self.train_rows], cfg.data.max_length, cfg.data.truncation)
+        every_row = self.train_rows.size == len(self.train_data)  # then no gather (see epoch_plan)
+        lengths = self.train_data.lengths if every_row else self.train_data.lengths[self.train_rows]
+        cut = truncation_summary(lengths, cfg.data.max_length, cfg.data.truncation)
         if cut and dist.is_main():
             self.logger.info("training data: %s", cut)
         if self.resume_from is not None:
@@ -281,12 +284,25 @@ class Trainer:
         return int(min(cfg.max_steps or math.inf, by_epochs))
 
     def epoch_plan(self, epoch: int, exclude_ids: np.ndarray | None = None) -> list[np.ndarray]:
-        """Global batches (row indices) of `epoch` over the trainable rows not in `exclude_ids`."""
+        """Global batches (row indices) of `epoch` over the trainable rows not in `exclude_ids`.
+
+        The plan of a whole epoch is kept for the next call: the step count, the LR schedule and
+        the first epoch all ask for epoch 0's (at 10 M records each plan costs about a second).
+        """
+        whole_epoch = exclude_ids is None or not len(exclude_ids)
+        if whole_epoch and self._last_plan is not None and self._last_plan[0] == epoch:
+            return self._last_plan[1]
         data, rows = self.train_data, self.train_rows
-        if exclude_ids is not None and len(exclude_ids):
-            rows = rows[~np.isin(data.sample_ids[rows], exclude_ids)]  # by id column only: no record is read
-        batches = plan_epoch(data.lengths[rows], self.spec, self.cfg.train.seed, epoch, data.fingerprint)
-        return [rows[b] for b in batches]
+        if not whole_epoch:
+            rows = data.rows_without(rows, exclude_ids)
+        every_row = rows.size == len(data)  # trainable_rows are sorted and distinct: then they are 0..N-1
+        order, ends = plan_epoch_flat(data.lengths if every_row else data.lengths[rows], self.spec, self.cfg.train.seed,
+                                      epoch, data.fingerprint)  # fmt: skip
+        # One gather of every planned row, then views of it: a million small gathers cost seconds.
+        plan = batches_of(order if every_row else rows[order], ends)
+        if whole_epoch:
+            self._last_plan = (epoch, plan)
+        return plan
 
     def epoch_order(self, epoch: int) -> tuple[list[np.ndarray], int, dict]:
         """(global batches still to run in `epoch`, the order position they start at, the order key).

@@ -36,14 +36,17 @@ def padded_lengths(residue_lengths: np.ndarray, max_length: int) -> np.ndarray:
 
 def truncation_summary(residue_lengths: np.ndarray, max_length: int, side: str) -> str | None:
     """One log line on what `max_length` cuts off (records and residues), or None when nothing is cut."""
-    lengths = residue_lengths.astype(np.int64)
-    cut = np.maximum(lengths - (max_length - 2), 0)
-    records = int((cut > 0).sum())
+    # No temporary as large as the input: at 10 M records each costs a good part of a second.
+    limit = max_length - 2
+    longer = residue_lengths[residue_lengths > limit]
+    records = int(longer.size)
     if not records:
         return None
-    total = int(lengths.sum())
-    return (f"{records} of {lengths.size} records ({100 * records / lengths.size:.1f}%) are longer than data.max_length={max_length} "
-            f"allows and are cut at the {'end' if side == 'right' else 'start'} (data.truncation={side}): {int(cut.sum()):,} of {total:,} residues ({100 * cut.sum() / max(total, 1):.1f}%) "
+    cut = int(longer.sum(dtype=np.int64)) - records * limit
+    total = int(residue_lengths.sum(dtype=np.int64))
+    size = residue_lengths.size
+    return (f"{records} of {size} records ({100 * records / size:.1f}%) are longer than data.max_length={max_length} "
+            f"allows and are cut at the {'end' if side == 'right' else 'start'} (data.truncation={side}): {cut:,} of {total:,} residues ({100 * cut / max(total, 1):.1f}%) "
             "are not trained")  # fmt: skip
 
 
@@ -80,12 +83,19 @@ def plan_epoch(lengths: np.ndarray, spec: BatchSpec, seed: int, epoch: int, fing
     `lengths` are residue counts (PreparedDataset.lengths). Incomplete tail batches are dropped
     (every micro-batch of a step must hold at least one sample on every rank).
     """
+    order, ends = plan_epoch_flat(lengths, spec, seed, epoch, fingerprint)
+    return batches_of(order, ends)
+
+
+def plan_epoch_flat(lengths: np.ndarray, spec: BatchSpec, seed: int, epoch: int, fingerprint: str) -> tuple[np.ndarray, np.ndarray]:
+    """`plan_epoch` as (every planned row in order, the end of each global batch in it): at 10 M
+    records a million small arrays cost seconds to build, the flat form a fraction of one."""
     rng = epoch_rng(seed, epoch, fingerprint)
     order = rng.permutation(len(lengths))
     if spec.max_tokens <= 0:
         global_size = spec.batch_size * spec.micro_batches_per_step
         n_steps = len(order) // global_size
-        return [order[i * global_size : (i + 1) * global_size] for i in range(n_steps)]
+        return order[: n_steps * global_size], np.arange(1, n_steps + 1, dtype=np.int64) * global_size
 
     tokens = padded_lengths(lengths, spec.max_length)
     batches: list[np.ndarray] = []
@@ -94,7 +104,16 @@ def plan_epoch(lengths: np.ndarray, spec: BatchSpec, seed: int, epoch: int, fing
         pool = pool[np.argsort(tokens[pool], kind="stable")]
         batches.extend(_cut_by_token_budget(pool, tokens[pool], spec))
     # Shuffle whole global batches so training does not sweep each pool from short to long.
-    return [batches[i] for i in rng.permutation(len(batches))]
+    shuffled = [batches[i] for i in rng.permutation(len(batches))]
+    if not shuffled:
+        return order[:0], np.zeros(0, dtype=np.int64)
+    return np.concatenate(shuffled), np.cumsum([len(batch) for batch in shuffled], dtype=np.int64)
+
+
+def batches_of(order: np.ndarray, ends: np.ndarray) -> list[np.ndarray]:
+    """The global batches of a flat plan, as views of `order`."""
+    ends = ends.tolist()
+    return [order[start:end] for start, end in zip([0, *ends[:-1]], ends)]
 
 
 def _cut_by_token_budget(pool: np.ndarray, pool_tokens: np.ndarray, spec: BatchSpec) -> list[np.ndarray]:

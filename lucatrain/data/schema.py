@@ -117,5 +117,15 @@ class PrepareRecipe:
         return len(record.seq)
 
     def meta(self) -> dict:
-        """Extra entries for meta.json, after the last record."""
+        """Extra entries for meta.json, after the last record (of one shard: see `merge_meta`)."""
         return {}
+
+    def merge_meta(self, parts: list[dict]) -> dict:
+        """The dataset's `meta` from its shards' (each shard is prepared from a fresh `start()`, in
+        input order). By default every shard must report the same: a recipe whose meta sums or
+        collects over records overrides this."""
+        for part in parts[1:]:
+            if part != parts[0]:
+                raise AssertionError(f"recipe {self.name}: shards report different meta ({parts[0]} and {part}); "
+                                     "it must override merge_meta")  # fmt: skip
+        return parts[0] if parts else self.meta()

@@ -448,7 +448,71 @@ def guess_obj_type(seq: str) -> int:
     return alphabet.GENE if core >= _GENE_CORE_FRACTION * len(raw) else alphabet.PROT
 
 
-def _iter_fasta(path: Path, fasta_obj_type: str) -> Iterator[Record | RecordError]:
+@dataclass(frozen=True)
+class FastaSpan:
+    """A byte range of an uncompressed FASTA file that starts at a '>' header (or at byte 0), with the
+    0-based index of its first record and the 1-based line it starts on: a piece of a large file that
+    a prepare worker reads on its own, yielding exactly the records a whole-file read yields there."""
+
+    start: int
+    end: int
+    first_index: int
+    first_line: int
+
+
+class _ByteRange(io.RawIOBase):
+    """Bytes [start, end) of an open binary file, as a readable stream."""
+
+    def __init__(self, binary, start: int, end: int):
+        binary.seek(start)
+        self.binary, self.left = binary, end - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.left <= 0:
+            return 0
+        view = memoryview(buffer)[: self.left]
+        n = self.binary.readinto(view)
+        self.left -= n
+        return n
+
+
+def fasta_spans(path: Path, target_bytes: int) -> list[FastaSpan]:
+    """Cut an uncompressed FASTA file into spans of about `target_bytes`, each starting at a header.
+
+    One pass over the file, counting headers ('>' at a line start) and newlines before each cut, so
+    every span knows its first record's index and line without the records before it being parsed.
+    """
+    spans_from = [(0, 0, 1)]  # (start byte, first record index, first line) of each span
+    headers = newlines = 0  # in the file bytes before `position`
+    position, next_cut = 0, target_bytes
+    before = b"\n"  # the byte before the block: position 0 counts as a line start
+    with open(path, "rb") as f:
+        if f.read(len(codecs.BOM_UTF8) + 1) == codecs.BOM_UTF8 + b">":
+            headers = 1  # the first header, behind a byte-order mark rather than a newline
+        f.seek(0)
+        while block := f.read(16 * 2**20):
+            # text[i] is file byte position - 1 + i, so b"\n>" at text index i is a header at position + i.
+            text = before + block
+            while next_cut < position + len(block):
+                i = text.find(b"\n>", max(0, next_cut - position))
+                if i < 0:
+                    break  # no header in the rest of this block: look on in the next one
+                cut = position + i
+                if cut > spans_from[-1][0]:
+                    spans_from.append((cut, headers + text[: i + 1].count(b"\n>"), newlines + block[:i].count(b"\n") + 1))
+                next_cut = cut + target_bytes
+            headers += text.count(b"\n>")
+            newlines += block.count(b"\n")
+            before = block[-1:]
+            position += len(block)
+    ends = [start for start, _, _ in spans_from[1:]] + [position]
+    return [FastaSpan(start, end, index, line) for (start, index, line), end in zip(spans_from, ends)]
+
+
+def _iter_fasta(path: Path, fasta_obj_type: str, span: FastaSpan | None = None) -> Iterator[Record | RecordError]:
     forced = None if fasta_obj_type == "auto" else _OBJ_TYPE_WORDS[fasta_obj_type]
     # SimpleFastaParser reports no line numbers. We feed it lines ourselves and note each header's
     # line: it yields a record only after reading the *next* header, so the oldest noted header
@@ -456,10 +520,11 @@ def _iter_fasta(path: Path, fasta_obj_type: str) -> Iterator[Record | RecordErro
     header_lines: collections.deque[int] = collections.deque()
     seen_header = False
     stray: int | None = None  # first non-blank line before the first header (the parser skips it)
+    first_line = span.first_line if span else 1
 
     def lines(text) -> Iterator[str]:
         nonlocal seen_header, stray
-        for lineno, line in enumerate(text, 1):
+        for lineno, line in enumerate(text, first_line):
             if line.startswith(">"):
                 header_lines.append(lineno)
                 seen_header = True
@@ -470,11 +535,14 @@ def _iter_fasta(path: Path, fasta_obj_type: str) -> Iterator[Record | RecordErro
     from Bio.SeqIO.FastaIO import SimpleFastaParser  # lazy: Biopython is slow to import
 
     with _open_binary(path) as binary:
+        if span is not None:
+            binary = io.BufferedReader(_ByteRange(binary, span.start, span.end), 2**20)
         # utf-8-sig drops a byte-order mark, which would hide the first '>'. An invalid byte
         # becomes U+FFFD, which then fails residue validation as a bad record.
         text = io.TextIOWrapper(binary, encoding="utf-8-sig", errors="replace")
         index = -1
-        for index, (title, seq) in enumerate(SimpleFastaParser(lines(text))):
+        first_index = span.first_index if span else 0
+        for index, (title, seq) in enumerate(SimpleFastaParser(lines(text)), first_index):
             line = header_lines.popleft()
             if index == 0 and stray is not None:
                 yield RecordError(path, stray, "text before the first '>' header")
@@ -640,12 +708,13 @@ def _jsonl_record(path: Path, line: int, index: int, text: str) -> Record | Reco
     )
 
 
-def iter_records(path, fmt: str = "auto", fasta_obj_type: str = "auto"):
+def iter_records(path, fmt: str = "auto", fasta_obj_type: str = "auto", span: FastaSpan | None = None):
     """Yield a Record, or a RecordError for each bad record, for every record in `path`.
 
     fmt: a registered format (`formats()`), or "auto" to detect it from the extension.
     fasta_obj_type: "gene" or "prot" forces the type of every FASTA record; "auto" decides per
     record (nucleotide letters only and >= 90% A/C/G/T/U/N -> gene, else prot).
+    span: only the records of that byte range of a FASTA file (`fasta_spans`).
     Raises RecordError for problems with the whole file: a missing file when called; a bad
     CSV header, an unreadable Parquet file or missing required columns when iteration starts.
     """
@@ -660,6 +729,10 @@ def iter_records(path, fmt: str = "auto", fasta_obj_type: str = "auto"):
         raise RecordError(path, None, "not a regular file")
     if fmt == "auto":
         fmt = detect_format(path)
+    if span is not None:
+        if fmt != "fasta":
+            raise ValueError(f"{path}: only FASTA files are read by byte range, this one is {fmt}")
+        return _iter_fasta(path, fasta_obj_type, span)
     return SOURCES[fmt].read(path, fasta_obj_type)
 
 

@@ -56,6 +56,7 @@ class Family:
         """Inspect the prepared datasets before the model is built (e.g. count labels)."""
 
     def trainable_rows(self, data) -> np.ndarray:
+        """The rows an epoch plans over, sorted and distinct (the trainer takes all N of them to be 0..N-1)."""
         return np.arange(len(data))
 
     def order_key(self) -> dict:

@@ -181,6 +181,9 @@ class ClibdRecipe(PrepareRecipe):
         # The distinct texts are few (taxa repeat): a SentencePiece model can be trained on them at start-up.
         return {"text_words": sorted(self.words), "texts": sorted(self.texts)}
 
+    def merge_meta(self, parts: list[dict]) -> dict:
+        return {key: sorted({value for part in parts for value in part[key]}) for key in ("text_words", "texts")}
+
 
 @dataclass
 class ClibdCollator:

@@ -116,7 +116,19 @@ class SimclrRecipe(PrepareRecipe):
         return 1  # one image: "tokens" are images in the throughput logs
 
     def meta(self) -> dict:
-        return {"channels": self.channels[0] if self.channels else 0, "labels": sorted(self.labels)}
+        channels, first = self.channels if self.channels else (0, "")
+        return {"channels": channels, "channels_of": first, "labels": sorted(self.labels)}
+
+    def merge_meta(self, parts: list[dict]) -> dict:
+        """One channel count for the dataset; a shard's first image stands for its shard in the error."""
+        with_images = [part for part in parts if part["channels"]]
+        for part in with_images[1:]:
+            if part["channels"] != with_images[0]["channels"]:
+                raise ValueError(f"{part['channels_of']}: {part['channels']} channels; the images of one dataset must all have "
+                                 f"the same number ({with_images[0]['channels_of']} has {with_images[0]['channels']})")  # fmt: skip
+        first = with_images[0] if with_images else {"channels": 0, "channels_of": ""}
+        return {"channels": first["channels"], "channels_of": first["channels_of"],
+                "labels": sorted({label for part in parts for label in part["labels"]})}  # fmt: skip
 
 
 def image_shape(path: Path) -> tuple[int, int, int]:
