@@ -6,7 +6,8 @@
                 parameters, L layers, H hidden, S the sequence; attention included, recomputation not)
     MFU         model FLOPs per second of training / peak
 
-Work (the issue's): the LucaOne encoder at 4 layers x 256 hidden (8 heads), max_length 1026, batch
+Work (the issue's): the LucaOne encoder at 4 layers x 256 hidden (`--heads`, default 4: head dimension
+64; LucaOne's is 128), max_length 1026, batch
 1, gradient accumulation 4, fp32, masked-LM on full-length genes; `--zero` (default zero0, the
 single-process config; zero2 is the multi-process one). One process with 2 threads, and 2 processes
 over gloo (torchrun) with 1 thread each: MFU of both together against the same 2-thread peak.
@@ -15,7 +16,8 @@ Each process times `Trainer.train_step` over `--steps` steps after `--warmup`, t
 beforehand, and splits the time by phase: forward, backward, optimizer step (DeepSpeed's `step` at the
 accumulation boundary, with ZeRO's gradient reduction), and the rest (the target-count all-reduce,
 moving batches, Python). Baseline in the same invocation: a hand-written PyTorch loop (the same
-model, loss and AdamW, no DeepSpeed) on the same batches, one process.
+model, loss and AdamW, no DeepSpeed) on the same batches, one process, with the share of its step
+time by operator (torch.profiler): the attention kernel, the linear layers' matmuls, the rest.
 
 Target (issue 12): MFU >= 0.70 on one process.
 
@@ -36,7 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-LAYERS, HIDDEN, HEADS, SEQ, BATCH, ACCUMULATION = 4, 256, 8, 1026, 1, 4
+LAYERS, HIDDEN, SEQ, BATCH, ACCUMULATION = 4, 256, 1026, 1, 4
+HEADS = int(os.environ.get("LUCATRAIN_BENCH_HEADS", "4"))  # set by --heads, read by the worker processes too
 
 
 def matmul_peak(threads: int) -> float:
@@ -71,6 +74,7 @@ def overrides(work: Path, genes: Path, zero: str) -> list[str]:
     return [f"train.output_dir={work / 'run'}", "train.overwrite_output_dir=true", f"data.cache_dir={work / 'cache'}",
             f"data.train_files=[{genes}]", "data.dev_files=[]", f"data.max_length={SEQ}", f"model.hidden_size={HIDDEN}",
             f"model.num_hidden_layers={LAYERS}", f"model.num_attention_heads={HEADS}", "model.hidden_dropout_prob=0.0",
+            f"model.max_position_embeddings={SEQ}",
             f"train.batch_size={BATCH}", f"train.gradient_accumulation_steps={ACCUMULATION}", "train.max_steps=1000",
             "train.warmup_steps=0", "train.lr_scheduler=constant", "train.progress_bar=false", f"deepspeed.config={zero}",
             "deepspeed.precision=fp32", "tasks.names=[gene_mask]", "train.eval_steps=0", "train.save_steps=100000"]  # fmt: skip
@@ -175,11 +179,33 @@ def run_plain_pytorch(work: Path, genes: Path, warmup: int, steps: int) -> dict:
     for micro in batches[warmup:]:
         one_step(micro)
         tokens += sum(int(mb["attention_mask"].sum()) for mb in micro)
-    return {"seconds": time.perf_counter() - start, "tokens": tokens, "flops_per_token": flops_per_token(trainer.family.model)}
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": tokens, "flops_per_token": flops_per_token(trainer.family.model),
+            "op_shares": op_shares(lambda: one_step(batches[-1]))}  # fmt: skip
+
+
+def op_shares(run_one_step) -> dict[str, float]:
+    """Where a step's time goes by kind of operator (torch.profiler, self CPU time): the attention
+    kernel, the matmuls of the linear layers, and the rest (element-wise, norms, copies, optimizer)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_one_step()
+    shares = {"attention": 0.0, "matmul": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        kind = "attention" if "scaled_dot_product" in event.key else "matmul" if event.key in ("aten::mm", "aten::addmm", "aten::bmm") else "other"
+        shares[kind] += event.self_cpu_time_total
+    total = sum(shares.values())
+    return {kind: value / total for kind, value in shares.items()}
 
 
 def worker(args) -> None:
-    """Under torchrun: every rank measures, rank 0 writes the JSON."""
+    """A fresh process per measurement (under torchrun: every rank measures, rank 0 writes the JSON).
+    In the parent, the threads of an earlier measurement would compete with this one for the cores."""
+    if args.plain:
+        result = run_plain_pytorch(Path(args.work), Path(args.genes), args.warmup, args.steps)
+        Path(args.worker_out).write_text(json.dumps(result))
+        return
     result = run_trainer(Path(args.work), Path(args.genes), args.zero, args.warmup, args.steps)
     from lucatrain import dist
 
@@ -195,15 +221,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--zero", default="zero0", help="DeepSpeed config of the one-process run (two processes: zero2)")
     parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--genes", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker_out:
         worker(args)
         return
+    os.environ["LUCATRAIN_BENCH_HEADS"] = str(args.heads)  # the worker processes inherit it
     load_before = _common.warn_if_busy()
     peak = matmul_peak(2)
     print(f"fp32 matmul peak, 2 threads: {peak / 1e9:.1f} GFLOP/s")
@@ -212,10 +241,18 @@ def main() -> None:
         work = Path(tmp)
         genes = work / "genes.fasta"
         write_genes(genes, 2 * BATCH * ACCUMULATION * (args.warmup + args.steps) + 16)
-        plain = run_plain_pytorch(work / "plain", genes, args.warmup, args.steps)
+        plain_out = work / "plain.json"
+        cmd = [sys.executable, __file__, "--plain", "--worker-out", str(plain_out), "--work", str(work / "plain"), "--genes", str(genes),
+               "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-4000:]}")
+        plain = json.loads(plain_out.read_text())
         plain_mfu = plain["flops_per_token"] * plain["tokens"] / plain["seconds"] / peak
         results["plain_pytorch"] = {**plain, "mfu": plain_mfu}
         rows.append(["hand-written PyTorch loop", 1, plain["tokens"] / plain["seconds"], plain_mfu, "", "", "", ""])
+        print("hand-written loop, share of step time by operator: " +
+              ", ".join(f"{kind} {share:.1%}" for kind, share in plain["op_shares"].items()))  # fmt: skip
         for processes, zero in ((1, args.zero), (2, "zero2")):
             out = work / f"result-{processes}.json"
             env = {**os.environ, "LUCATRAIN_BENCH_THREADS": str(2 // processes), "OMP_NUM_THREADS": str(2 // processes)}
@@ -240,7 +277,7 @@ def main() -> None:
     line, ok = _common.ratio_line("cpu_mfu_1_process", one, 0.70)
     print(line)
     print(f"MFU 2 processes: {results['processes_2']['mfu']:.3f}; lucatrain / hand-written loop (1 process): {one / plain_mfu:.3f}")
-    _common.write_results("cpu_mfu", {**results, "target_met": ok, "other_load_before": load_before,
+    _common.write_results(f"cpu_mfu_heads{args.heads}", {**results, "heads": args.heads, "target_met": ok, "other_load_before": load_before,
                                        "other_load_after": _common.other_load()}, args.out_dir)  # fmt: skip
 
 
