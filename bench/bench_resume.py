@@ -64,7 +64,7 @@ from lucatrain.config import load_config  # noqa: E402
 from lucatrain.data.batching import BatchSpec, padded_lengths, plan_epoch, rank_micro_batches  # noqa: E402
 from lucatrain.data.collate import Collator, MaskingConfig  # noqa: E402
 from lucatrain.data.prepared import is_prepared, load_prepared  # noqa: E402
-from lucatrain.progress import Ledger  # noqa: E402
+from lucatrain.progress import STORE, Ledger  # noqa: E402
 from lucatrain.state import read_state, write_state  # noqa: E402
 
 # What the LucaOne family adds to the epoch's order key for the masked-LM tasks this bench trains.
@@ -78,7 +78,7 @@ STRIDES = (3, 4, 5)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--records", type=int, default=1_100_000, help="windows in the prepared dataset (> largest --consumed)")
+    p.add_argument("--records", type=int, default=1_100_000, help="windows in the prepared dataset (a --consumed beyond one epoch adds whole epochs)")
     p.add_argument("--consumed", default="0,10000,100000,1000000", help="comma-separated samples consumed at resume")
     p.add_argument("--repeats", type=int, default=3, help="timed resumes per case (median)")
     p.add_argument("--replay-limit", type=int, default=1_000_000,
@@ -175,6 +175,7 @@ def overrides(args, prepared: Path, run_dir: Path, **extra) -> list[str]:
         "train.warmup_steps": 0,
         # constant: the schedule does not depend on max_steps, which differs per case
         "train.lr_scheduler": "constant",
+        "train.num_train_epochs": 10_000,  # a resume after 1 B samples is in epoch 909 of 1.1 M records
         "train.progress_bar": "false",
         "deepspeed.config": args.ds_config,
         "deepspeed.precision": "fp32",
@@ -188,17 +189,23 @@ def train_cmd(args, prepared: Path, run_dir: Path, **extra) -> list[str]:
 
 
 def run_logged(cmd: list[str], run_dir: Path, env: dict | None = None) -> tuple[float, int]:
-    """Run `cmd` from Popen to exit; (wall seconds, return code). Output goes to files, not pipes."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "stdout.txt", "w") as out, open(run_dir / "stderr.txt", "w") as err:
+    """Run `cmd` from Popen to exit; (wall seconds, return code). Output goes to files beside the run
+    directory (a new run refuses a directory that already holds files), not pipes."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(_log_of(run_dir, "stdout"), "w") as out, open(_log_of(run_dir, "stderr"), "w") as err:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=_common.REPO, env={**os.environ, **(env or {})}, stdout=out, stderr=err)
         code = proc.wait()
         return time.perf_counter() - started, code
 
 
+def _log_of(run_dir: Path, stream: str) -> Path:
+    return run_dir.with_name(f"{run_dir.name}.{stream}.txt")
+
+
 def fail(run_dir: Path, what: str) -> None:
-    tail = (run_dir / "stderr.txt").read_text()[-3000:] if (run_dir / "stderr.txt").exists() else ""
+    log = _log_of(run_dir, "stderr")
+    tail = log.read_text()[-3000:] if log.exists() else ""
     raise SystemExit(f"{what}\n--- stderr of {run_dir}\n{tail}")
 
 
@@ -225,26 +232,43 @@ def trainer_spec(cfg, world: int = 1) -> BatchSpec:
 
 
 def checkpoint_at(base: Path, dest_root: Path, consumed: int, data, cfg, plan: list[np.ndarray]) -> tuple[Path, int]:
-    """A copy of `base` whose ledger says the first `consumed` samples of epoch 0's order were trained on."""
+    """A copy of `base` whose ledger says `consumed` samples were trained on: whole epochs, then the
+    first samples of the next epoch's order.
+
+    Within epoch 0 the ledger is built step by step as the trainer records it. Beyond one epoch (10 M,
+    100 M, 1 B samples on a 1.1 M-record dataset) each finished epoch is one step of synthetic ids,
+    written to the run's segment store as a checkpoint at the epoch's end writes it (about 8 GB at
+    1 B): a resume reads none of them, which is what is measured.
+    """
     spec = trainer_spec(cfg)
     global_batch = len(plan[0])
-    if consumed % global_batch:
-        raise SystemExit(f"--consumed {consumed} is not a multiple of the global batch {global_batch}")
-    step = consumed // global_batch
+    per_epoch = len(plan) * global_batch
+    epochs_done, rest = divmod(consumed, per_epoch)
+    if rest % global_batch:
+        raise SystemExit(f"--consumed {consumed} leaves {rest} samples in epoch {epochs_done}, not a multiple of the global batch {global_batch}")
+    step = epochs_done * len(plan) + rest // global_batch
     dest = dest_root / checkpoint.checkpoint_name(step)
     shutil.copytree(base, dest, ignore=shutil.ignore_patterns("state", checkpoint.MANIFEST))
-    # The key Trainer.epoch_order computes for a fresh epoch 0; a different one would make the
-    # resume take the "order changed" path (exclude consumed ids by np.isin) instead.
+    # The key Trainer.epoch_order computes for a fresh epoch; a different one would make the
+    # resume take the "order changed" path (exclude consumed ids by id) instead.
     key = {"seed": cfg.train.seed, "fingerprint": data.fingerprint, **spec.order_key(), **ORDER_KEY_OF_FAMILY, "prefix": 0}
     ledger = Ledger()
-    ledger.start_epoch(0, key, data.fingerprint)
+    store = dest_root / STORE
+    rng = np.random.default_rng(consumed)
+    for epoch in range(epochs_done):
+        ledger.start_epoch(epoch, key, data.fingerprint)
+        ledger.record_step((epoch + 1) * len(plan), epoch, 0, per_epoch, rng.integers(0, 2**62, per_epoch, dtype=np.int64), tokens=0)
+        ledger.state_dict(store)
+    epoch_plan = plan if epochs_done == 0 else plan_epoch(data.lengths, spec, cfg.train.seed, epochs_done, data.fingerprint)
+    ledger.start_epoch(epochs_done, key, data.fingerprint)
     tokens = padded_lengths(data.lengths, cfg.data.max_length)
-    for i, batch in enumerate(plan[:step]):
+    for i, batch in enumerate(epoch_plan[: rest // global_batch]):
         start = i * global_batch
-        ledger.record_step(i + 1, 0, start, start + len(batch), data.sample_ids[batch], int(tokens[batch].sum()))
+        ledger.record_step(epochs_done * len(plan) + i + 1, epochs_done, start, start + len(batch), data.sample_ids[batch],
+                           int(tokens[batch].sum()))  # fmt: skip
     state = read_state(base / "state")
     state["trainer"].update(global_step=step, train_data=str(data.path), fingerprint=data.fingerprint)
-    state["ledger"] = ledger.state_dict()
+    state["ledger"] = ledger.state_dict(store) if epochs_done else ledger.state_dict()
     write_state(dest / "state", state)
     checkpoint.write_manifest(dest, step, ledger.summary())
     assert checkpoint.read_valid_manifest(dest) is not None
@@ -263,18 +287,21 @@ def timed_resume(args, prepared: Path, ckpt: Path, step: int, run_dir: Path) -> 
     return seconds
 
 
-def verify_first_step(args, prepared: Path, ckpt: Path, step: int, run_dir: Path, data, plan) -> dict:
+def verify_first_step(args, prepared: Path, ckpt: Path, step: int, run_dir: Path, data, plan, cfg) -> dict:
     """Resume to completion for one step and check the ledger it saves: the step after the
-    checkpoint trained positions [C, C+B) of the epoch's order, i.e. exactly plan[step]."""
+    checkpoint trained the next global batch of its epoch's order (plan_epoch of that epoch)."""
     cmd = train_cmd(args, prepared, run_dir, **{"train.trained_checkpoint": ckpt, "train.max_steps": step + 1})
     _, code = run_logged(cmd, run_dir)
     if code != 0:
         fail(run_dir, f"verification resume exited {code}")
     saved = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     ledger = Ledger.from_checkpoint(saved)
-    global_step, epoch, start, end, _ = ledger.steps[-1]
-    want = data.sample_ids[plan[step]]
-    ok = (global_step, epoch, start, end) == (step + 1, 0, step * len(plan[0]), (step + 1) * len(plan[0])) and np.array_equal(
+    global_step, epoch, start, end, _ = ledger.all_steps()[-1]
+    want_epoch, in_epoch = divmod(step, len(plan))
+    epoch_plan = plan if want_epoch == 0 else plan_epoch(data.lengths, trainer_spec(cfg), cfg.train.seed, want_epoch, data.fingerprint)
+    batch = len(plan[0])
+    want = data.sample_ids[epoch_plan[in_epoch]]
+    ok = (global_step, epoch, start, end) == (step + 1, want_epoch, in_epoch * batch, (in_epoch + 1) * batch) and np.array_equal(
         ledger.step_ids(step + 1), want
     )
     return {"checkpoint_step": step, "resumed_step": [global_step, epoch, start, end], "ids_match_plan": bool(ok)}
@@ -297,6 +324,7 @@ def bookkeeping_breakdown(ckpt: Path, data, cfg) -> dict:
     shell.cfg, shell.train_data, shell.spec, shell.ledger = cfg, data, trainer_spec(cfg), ledger
     shell.family = type("FamilyShell", (), {"order_key": staticmethod(lambda: dict(ORDER_KEY_OF_FAMILY))})()
     shell.train_rows = np.arange(len(data))  # the masked-LM tasks train on every record
+    shell._last_plan = None
     shell.logger = logging.getLogger("lucatrain")
     batches, position, _ = shell.epoch_order(ledger.epoch)
     t2 = time.perf_counter()
@@ -360,8 +388,6 @@ def ratio_line_at_most(name: str, value: float, target: float) -> tuple[str, boo
 def main(argv=None) -> int:
     args = parse_args(argv)
     consumed = sorted({int(x) for x in args.consumed.split(",") if x} | {0})
-    if consumed[-1] >= args.records:
-        sys.exit(f"--records ({args.records}) must exceed the largest --consumed ({consumed[-1]})")
     load_before = _common.warn_if_busy()
 
     prepared, data_info = prepared_windows(Path(args.cache_dir), args.records)
@@ -383,7 +409,7 @@ def main(argv=None) -> int:
         ckpts = {c: checkpoint_at(base, work_parent / f"consumed-{c}", c, data, cfg, plan) for c in consumed}
 
         smallest = min((c for c in consumed if c > 0), default=0)
-        verified = verify_first_step(args, prepared, *ckpts[smallest], work_parent / "verify", data, plan)
+        verified = verify_first_step(args, prepared, *ckpts[smallest], work_parent / "verify", data, plan, cfg)
         print(f"verified: resuming at {smallest:,} consumed, the first step trained plan batch "
               f"{verified['checkpoint_step']} (positions {verified['resumed_step'][2]}-{verified['resumed_step'][3]}): "
               f"{'ids match' if verified['ids_match_plan'] else 'IDS DIFFER'}")  # fmt: skip

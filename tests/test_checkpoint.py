@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -110,6 +111,65 @@ def test_ledger_segments_grow_with_the_new_samples_and_a_load_reads_none(tmp_pat
         write_state(tmp_path / f"step-{step:06d}" / "state", {"ledger": state})
     prune_ledger_store(tmp_path)
     assert sorted(f.name for f in store.iterdir()) == sorted(s["name"] for s in states[-1]["segments"])
+
+
+def test_a_ledger_of_10_million_samples_checkpoints_by_what_is_new_and_audits_exactly(tmp_path):
+    """Issue 12's size: 10 M consumed over two epochs (a run's history, in the segment store), then 1,000
+    more. The next checkpoint writes those 1,000 ids and the steps since, not the 10 M; the reloaded
+    ledger audits exactly (every id once per epoch, the ones never seen counted)."""
+    from lucatrain.progress import STORE
+
+    store = tmp_path / STORE
+    rng = np.random.default_rng(12)
+    dataset_ids = np.arange(6_000_000, dtype=np.int64) * 1_000_003 + 17  # 6 M distinct sample ids
+    ledger = Ledger()
+    for epoch, consumed in ((0, 6_000_000), (1, 4_000_000)):
+        ledger.start_epoch(epoch, {"seed": 1}, "f" * 64)
+        order = rng.permutation(dataset_ids.size)
+        for step, part in enumerate(np.array_split(order[:consumed], 10)):
+            start = ledger.cursor
+            ledger.record_step(epoch * 10 + step + 1, epoch, start, start + part.size, dataset_ids[part], tokens=part.size)
+        ledger.state_dict(store)  # a checkpoint at the end of each part of the history
+    assert ledger.samples_seen == 10_000_000
+    before = sum(f.stat().st_size for f in store.iterdir())
+    new = dataset_ids[order[4_000_000:4_000_500]]  # epoch 1 goes on with ids it has not consumed yet
+    ledger.record_step(21, 1, ledger.cursor, ledger.cursor + new.size, new, tokens=new.size)
+    state = ledger.state_dict(store)
+    written = sum(f.stat().st_size for f in store.iterdir()) - before
+    assert written < 8 * new.size + 2000  # the new ids and one steps row, whatever came before
+    write_state(tmp_path / "step-000021" / "state", {"ledger": state})
+    again = Ledger.from_checkpoint(tmp_path / "step-000021")
+    assert again.summary() == ledger.summary()
+    report = audit(again, all_ids=dataset_ids)
+    assert report[0] == {"consumed": 6_000_000, "unique": 6_000_000, "duplicates": [], "num_duplicates": 0, "never_seen": 0}
+    assert report[1] == {"consumed": 4_000_000 + new.size, "unique": 4_000_000 + new.size, "duplicates": [], "num_duplicates": 0,
+                         "never_seen": 2_000_000 - new.size}  # fmt: skip
+
+
+def test_a_ledger_resumed_from_another_run_directory_brings_its_segments_along(tmp_path):
+    """A run resumed from a checkpoint of another directory (train.trained_checkpoint=/other/run/...)
+    writes checkpoints whose ledger lists the old run's segments too: they are linked into its own
+    store, so its checkpoints stand on their own and audit exactly."""
+    from lucatrain.progress import STORE
+
+    old_store, new_store = tmp_path / "old" / STORE, tmp_path / "new" / STORE
+    ledger = Ledger()
+    ledger.start_epoch(0, {"seed": 1}, "f" * 64)
+    ledger.record_step(1, 0, 0, 4, np.array([1, 2, 3, 4]), tokens=4)
+    state = ledger.state_dict(old_store)
+    resumed = Ledger.from_state_dict(state, "old checkpoint", old_store)
+    resumed.record_step(2, 0, 4, 6, np.array([5, 6]), tokens=2)
+    new_state = resumed.state_dict(new_store)
+    shutil.rmtree(old_store)  # the old run is deleted: the new run's checkpoint must not need it
+    again = Ledger.from_state_dict(new_state, "new checkpoint", new_store)
+    assert again.consumed_ids(0).tolist() == [1, 2, 3, 4, 5, 6]
+    assert again.all_steps() == [(1, 0, 0, 4, 4), (2, 0, 4, 6, 2)]
+    assert audit(again, all_ids=np.arange(1, 8))[0]["never_seen"] == 1
+    # A segment the old store lost is named, before anything is written that would list it.
+    lost = Ledger.from_state_dict(new_state, "checkpoint", new_store)
+    (new_store / new_state["segments"][0]["name"]).unlink()
+    with pytest.raises(ValueError, match="a progress ledger segment of the checkpoint this run resumed from is missing"):
+        lost.state_dict(tmp_path / "third" / STORE)
 
 
 def test_ledger_round_trip_step_ids_and_audit(tmp_path):
