@@ -353,11 +353,6 @@ def _prepare_shard(shard: _Shard, files: list[Path], formats_of: list[str], opti
     return summary
 
 
-def _prepare_shard_in_worker(args) -> tuple[int, dict]:
-    shard = args[0]
-    return shard.number, _prepare_shard(*args)
-
-
 def _count_example(tally: dict, example: str) -> None:
     tally["records"] += 1
     if len(tally["examples"]) < _EXAMPLES:
@@ -450,18 +445,17 @@ def _run_in_workers(todo, files, formats_of, options, recipe, shard_dir, workers
     pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
                                initializer=_exit_with_parent, initargs=(os.getpid(),))  # fmt: skip
     with pool:
-        futures = {pool.submit(_prepare_shard_in_worker, (shard, files, formats_of, options, recipe, shard_dir)): shard.number
-                   for shard in todo}  # fmt: skip
+        futures = {pool.submit(_prepare_shard, shard, files, formats_of, options, recipe, shard_dir): shard.number for shard in todo}
         for future in as_completed(futures):
             try:
-                number, summary = future.result()
+                summary = future.result()
             except BaseException as err:  # noqa: BLE001  (re-raised below, the first in input order)
                 if not any(err is seen for seen in errors.values()):  # a broken pool fails every future alike
                     errors[futures[future]] = err
                 for other in futures:
                     other.cancel()
                 continue
-            finished(number, summary)
+            finished(futures[future], summary)
     if errors:
         raise errors[min(errors)]
 
